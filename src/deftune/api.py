@@ -1,0 +1,315 @@
+"""The Python API; the CLI verbs are thin wrappers over these functions.
+
+    import deftune
+    summary = deftune.train("my_recipe.yaml", ["train.max_steps=100"])
+    print(deftune.evaluate("runs/demo", data="demo-eval"))
+    print(deftune.generate("runs/demo", "Convert this date to ISO 8601: 5 March 2021"))
+    deftune.merge("runs/demo", out="merged/")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deftune.config import (
+    Recipe, _set_dotted, load_recipe, parse_override, recipe_from_dict, recipe_to_dict, save_recipe,
+)
+from deftune.errors import DeftuneError
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    method: str
+    steps: int
+    seconds: float
+    tokens_per_s: float
+    trainable_params: int
+    total_params: int
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    examples: list = field(default_factory=list)
+    output: str = ""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeftuneError("device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def _fresh_run_dir(path: Path, resume: str) -> Path:
+    """Never overwrite an earlier run: if ``path`` holds one and we are not resuming, use path-2, -3..."""
+    if resume or not path.exists() or not any(path.iterdir()):
+        return path
+    n = 2
+    while (candidate := path.with_name(f"{path.name}-{n}")).exists():
+        n += 1
+    print(f"{path} holds an earlier run; this run writes to {candidate} "
+          f"(to continue that run instead, pass train.resume=auto)")
+    return candidate
+
+
+def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
+    """Attach adapters (lora) or unfreeze the chosen modules (full). Returns the LoraSpec or None."""
+    from deftune.adapters.lora.model import attach_lora, freeze_all
+    from deftune.models.arch import select_sites
+
+    a = recipe.adapter
+    if recipe.method == "lora":
+        spec = attach_lora(model, a.targets, a.layers, a.rank, a.alpha, a.dropout, a.rslora)
+        model.to(device)
+        return spec
+    freeze_all(model)
+    try:
+        sites = select_sites(model, a.targets, a.layers)
+    except ValueError as exc:
+        raise DeftuneError(f"adapter.targets/adapter.layers: {exc}") from exc
+    for site in sites:
+        for param in model.get_submodule(site.name).parameters():
+            # bf16 weights cannot absorb small AdamW updates: train float32 master copies on GPU.
+            param.data = param.data.float()
+            param.requires_grad_(True)
+    return None
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _task_eval(model, tokenizer, samples, recipe: Recipe, device, eval_examples) -> tuple[dict, list]:
+    """Eval loss/perplexity on the eval examples and the task score on the first eval samples."""
+    from deftune.data.templates import prompt_for_generation
+    from deftune.eval.generation import generate_texts
+    from deftune.eval.tasks import exact_match, normalize_answer
+    from deftune.train.loop import evaluate_loss
+
+    result: dict = {}
+    if eval_examples:
+        loss = evaluate_loss(model, eval_examples, recipe.train.micro_batch, tokenizer.pad_token_id, device)
+        result.update(eval_loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 3))
+    examples = []
+    n = min(recipe.eval.task_samples, len(samples))
+    if recipe.eval.task_metric != "none" and n > 0:
+        chosen = samples[:n]
+        prompts = [prompt_for_generation(s, tokenizer, recipe.data.template, recipe.data.system_prompt)
+                   for s in chosen]
+        predictions = generate_texts(model, tokenizer, prompts, recipe.eval.max_new_tokens)
+        references = [s.response for s in chosen]
+        result["exact_match"] = round(exact_match(predictions, references), 4)
+        result["task_samples"] = n
+        examples = [
+            {"query": s.query, "reference": r, "prediction": normalize_answer(p)}
+            for s, r, p in zip(chosen, references, predictions)
+        ]
+    return result, examples
+
+
+def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tuple = (),
+          progress: bool = True) -> RunSummary:
+    """Run a recipe end to end: load, prepare data, score before, train, save, score after."""
+    from deftune.adapters.peft_format import save_adapter
+    from deftune.data import prepare_data
+    from deftune.data.tokenize import ensure_pad_token
+    from deftune.models.load import load_model
+    from deftune.train.dist import is_main_process, wrap_model
+    from deftune.train.loop import Trainer
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    device = resolve_device(recipe.device)
+    run_dir = _fresh_run_dir(Path(recipe.output_dir), recipe.train.resume)
+    recipe.output_dir = str(run_dir)
+    seed_everything(recipe.train.seed)
+
+    t0 = time.perf_counter()
+    model, tokenizer, source = load_model(recipe.model, device)
+    pad_note = ensure_pad_token(tokenizer)
+    if pad_note:
+        print(pad_note)
+    print(f"Model {source.name} ({type(model).__name__}, {sum(p.numel() for p in model.parameters())/1e6:.1f}M "
+          f"params) on {device} in {time.perf_counter() - t0:.1f}s")
+    data = prepare_data(recipe.data, tokenizer)
+    for split, stats in data.stats.items():
+        print(f"Data {split}: {stats.summary()}")
+
+    eval_samples = data.eval_samples
+    before, _ = _task_eval(model, tokenizer, eval_samples, recipe, device, data.eval)
+    if before:
+        print(f"Before training: {_fmt(before)}")
+
+    seed_everything(recipe.train.seed)
+    spec = prepare_model(recipe, model, device)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    trainable, total = count_params(model)
+    print(f"Method {recipe.method}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / total:.2f}%)")
+    model = wrap_model(model)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    trainer = Trainer(recipe, model, tokenizer, data, run_dir, device, progress=progress)
+    result = trainer.run()
+
+    if recipe.method == "lora":
+        out = save_adapter(model, spec, run_dir / "adapter", source.name)
+    else:
+        out = run_dir / "model"
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+    after, examples = _task_eval(model, tokenizer, eval_samples, recipe, device, data.eval)
+    summary = RunSummary(
+        run_dir=str(run_dir), method=recipe.method, steps=result.steps, seconds=round(result.seconds, 1),
+        tokens_per_s=round(result.tokens_per_s, 1), trainable_params=trainable, total_params=total,
+        before=before, after=after, examples=examples[: recipe.eval.show_examples], output=str(out),
+    )
+    if is_main_process():
+        (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2), encoding="utf-8")
+    return summary
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in metrics.items())
+
+
+def print_summary(summary: RunSummary) -> None:
+    print()
+    print(f"Run folder: {summary.run_dir}  ({summary.steps} steps in {summary.seconds}s, "
+          f"{summary.tokens_per_s} tokens/s)")
+    keys = [k for k in ("eval_loss", "perplexity", "exact_match") if k in summary.before or k in summary.after]
+    if keys:
+        print(f"{'held-out':<14}{'before':>12}{'after':>12}")
+        for key in keys:
+            b, a = summary.before.get(key, ""), summary.after.get(key, "")
+            if key == "exact_match":
+                b, a = f"{100 * b:.1f}%" if b != "" else "", f"{100 * a:.1f}%" if a != "" else ""
+            print(f"{key:<14}{b!s:>12}{a!s:>12}")
+    for ex in summary.examples:
+        mark = "ok " if ex["prediction"].strip() == ex["reference"].strip() else "bad"
+        print(f"  [{mark}] {ex['query'][:70]!r}\n        -> {ex['prediction'][:60]!r} (expected {ex['reference']!r})")
+    print(f"Saved: {summary.output}")
+
+
+def load_for_inference(run_or_model: str, device: str = "auto"):
+    """``(model, tokenizer, recipe)`` from a run folder (base + its adapter or tuned weights) or from
+    anything ``model.path`` accepts (then recipe is the default recipe with that model)."""
+    from deftune.adapters.peft_format import load_adapter
+    from deftune.data.tokenize import ensure_pad_token
+    from deftune.models.load import load_model
+
+    dev = resolve_device(device)
+    run = Path(run_or_model)
+    if (run / "recipe.yaml").is_file():
+        import yaml
+
+        recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")))
+        if recipe.method == "full":
+            if not (run / "model").is_dir():
+                raise DeftuneError(f"{run} has no model/ folder: the run did not finish")
+            recipe.model.path = str(run / "model")
+            model, tokenizer, _ = load_model(recipe.model, dev)
+        else:
+            if not (run / "adapter").is_dir():
+                raise DeftuneError(f"{run} has no adapter/ folder: the run did not finish "
+                                   f"(resume it with train.resume=auto output_dir={run})")
+            model, tokenizer, _ = load_model(recipe.model, dev)
+            load_adapter(model, run / "adapter")
+            model.to(dev)
+    else:
+        recipe = load_recipe(None, [f"model.path={run_or_model}"])
+        model, tokenizer, _ = load_model(recipe.model, dev)
+    ensure_pad_token(tokenizer)
+    model.eval()
+    return model, tokenizer, recipe
+
+
+def evaluate(run_or_model: str, data: str, device: str = "auto", overrides: list[str] | tuple = ()) -> dict:
+    """Eval loss, perplexity and (when eval.task_metric is set) the task score on ``data``."""
+    from deftune.data import prepare_data
+
+    model, tokenizer, recipe = load_for_inference(run_or_model, device)
+    if overrides:
+        tree = recipe_to_dict(recipe)
+        for text in overrides:
+            key, value = parse_override(text)
+            _set_dotted(tree, key, value)
+        recipe = recipe_from_dict(tree)
+    # Every record of `data` is scored: it is read as the eval split.
+    recipe.data.train = data
+    recipe.data.eval = data
+    prepared = prepare_data(recipe.data, tokenizer)
+    dev = next(model.parameters()).device
+    metrics, _ = _task_eval(model, tokenizer, prepared.eval_samples, recipe, dev, prepared.eval)
+    metrics["records"] = len(prepared.eval)
+    return metrics
+
+
+def generate(run_or_model: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, raw: bool = False, stream: bool = False,
+             device: str = "auto") -> str:
+    """Answer ``prompt`` with the run's prompt template (``raw`` sends the text as is).
+
+    temperature 0 is greedy; otherwise sampling with the given temperature / top-p / top-k.
+    """
+    from deftune.data.templates import prompt_for_generation
+    from deftune.eval.generation import generate_texts
+
+    model, tokenizer, recipe = load_for_inference(run_or_model, device)
+    text = prompt if raw else prompt_for_generation(prompt, tokenizer, recipe.data.template,
+                                                    recipe.data.system_prompt)
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = generate_texts(model, tokenizer, [text], max_new_tokens, batch_size=1, do_sample=temperature > 0,
+                         temperature=temperature or 1.0, top_p=top_p, top_k=top_k, streamer=streamer)
+    return out[0]
+
+
+def merge(run: str, out: str, device: str = "cpu") -> Path:
+    """Merge a LoRA run into its base weights; save a plain Hugging Face folder at ``out``."""
+    from deftune.adapters.lora.model import merge_lora
+
+    model, tokenizer, recipe = load_for_inference(run, device)
+    if recipe.method != "lora":
+        raise DeftuneError(f"{run} is a {recipe.method} run: its model/ folder is already a plain model")
+    merged = merge_lora(model)
+    if merged == 0:
+        raise DeftuneError(f"{run}: no LoRA modules to merge")
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_path, safe_serialization=True)
+    tokenizer.save_pretrained(out_path)
+    return out_path
+
+
+__all__ = ["train", "evaluate", "generate", "merge", "load_for_inference", "RunSummary", "print_summary"]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

