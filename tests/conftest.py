@@ -78,3 +78,69 @@ def tiny_tokenizer_no_pad():
 def tiny_tokenizer_factory():
     """``make_tiny_tokenizer`` itself, for tests that need a variant (no BOS, no chat template...)."""
     return make_tiny_tokenizer
+
+
+def save_tiny_llama(folder, seed: int = 0, layers: int = 2):
+    """Save a seeded tiny LlamaForCausalLM + the tiny tokenizer as a safetensors model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_copy_task(path, n: int = 48, seed: int = 0):
+    """A learnable toy task: the response repeats the last words of the query."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over lazy dog hello world answer question".split()
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            picked = " ".join(rng.choice(words) for _ in range(3))
+            fh.write(json.dumps({"query": f"copy: {picked}", "response": picked}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def copy_task_file(tmp_path_factory):
+    return write_copy_task(tmp_path_factory.mktemp("data") / "copy.jsonl")
+
+
+def tiny_recipe(model_dir, data_file, output_dir, **sections):
+    """A Recipe for the tiny model: small batches, no generation scoring; ``sections`` override keys,
+    e.g. ``train={"max_steps": 4}``."""
+    from deftune.config import recipe_from_dict
+
+    tree = {
+        "method": "lora",
+        "output_dir": str(output_dir),
+        "device": "cpu",
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(data_file), "max_length": 64, "eval_fraction": 0.2},
+        "adapter": {"targets": "all-linear", "rank": 4, "alpha": 8},
+        "train": {"lr": 5e-3, "micro_batch": 4, "grad_accum": 2, "max_steps": 6, "warmup": 1},
+        "eval": {"task_samples": 0},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return recipe_from_dict(tree)

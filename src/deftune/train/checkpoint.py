@@ -66,7 +66,6 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, step:
         "python_random": _encode_random_state(random.getstate()),
         **extra,
     }
-    meta["scheduler"] = {k: v for k, v in (meta["scheduler"] or {}).items() if k != "lr_lambdas"}
     _write_json(tmp / "meta.json", meta)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -165,7 +165,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return float("nan"), float("nan"), seen
             (loss_sum / label_tokens).backward()
-            loss_total += float(loss_sum)
+            loss_total += float(loss_sum.detach())
             seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
