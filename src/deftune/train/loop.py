@@ -228,6 +228,7 @@ class Trainer:
                         "loss": round(loss, 6),
                         "lr": lr,
                         "grad_norm": round(grad_norm, 6),
+                        "tokens": tokens,
                         "tokens_per_s": round(tokens / dt, 2),
                         "elapsed_s": round(time.perf_counter() - start, 2),
                     }
