@@ -140,6 +140,16 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared, busy CPU OpenMP workers that spin
+    waiting for each other make the file ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     return _write_data(tmp_path_factory.mktemp("data") / "copy.jsonl")

@@ -1,0 +1,33 @@
+"""GPU tier: the same recipe on a CUDA GPU in bf16 (skipped without CUDA)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from deftune.api import train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_recipe_trains_in_bf16_on_cuda(tiny_llama_dir, copy_task_file, tmp_path):
+    recipe = tiny_recipe(tiny_llama_dir, copy_task_file, tmp_path / "run", device="auto",
+                         train={"max_steps": 10})
+    summary = train(recipe, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    assert summary.after["eval_loss"] < summary.before["eval_loss"]
+
+
+def test_base_is_bf16_and_adapters_fp32_on_cuda(tiny_llama_dir):
+    from deftune.adapters.lora.model import attach_lora, lora_modules
+    from deftune.config import ModelConfig
+    from deftune.models.load import load_model
+
+    model, _, _ = load_model(ModelConfig(path=str(tiny_llama_dir)), "cuda")
+    attach_lora(model, "all-linear", "all", rank=4, alpha=8)
+    layer = next(iter(lora_modules(model).values()))
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_A.weight.is_cuda
