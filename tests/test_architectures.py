@@ -17,26 +17,27 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
+# tests/ is on sys.path (rootdir conftest): a module-scoped fixture cannot use the function-scoped
+# tokenizer fixtures, so the factory is imported directly.
+from conftest import make_tiny_tokenizer
 
-from conftest import make_tiny_tokenizer  # noqa: E402  (tests/ is on sys.path via its conftest)
-
-from deftune import api  # noqa: E402
-from deftune.config import recipe_from_dict  # noqa: E402
-from deftune.models.arch import PRESETS, linear_sites, num_layers  # noqa: E402
+from deftune import api
+from deftune.config import recipe_from_dict
+from deftune.models.arch import PRESETS, classify, linear_sites, num_layers, select_sites
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello"]
 PROBE = "### Instruction:\ncopy: fox the dog\n### Response:\n"
-TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-DENSE = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128,
-)
-MOE_SMALL = dict(
-    hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128,
-)
+TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+DENSE = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 128,
+}
+MOE_SMALL = {
+    "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 128,
+}
 
 
 def _config(arch: str, vocab: int):
@@ -168,8 +169,8 @@ def trained(request, tmp_path_factory, data_file):
     model_dir = _save_base(root / "base", arch)
     recipe = recipe_from_dict(_recipe(model_dir, data_file, root / "run", adapter={"targets": targets}))
     summary = api.train(recipe, progress=False)
-    return dict(arch=arch, targets=targets, moe=moe, model_dir=model_dir, run_dir=Path(summary.run_dir),
-                summary=summary, root=root)
+    return {"arch": arch, "targets": targets, "moe": moe, "model_dir": model_dir,
+            "run_dir": Path(summary.run_dir), "summary": summary, "root": root}
 
 
 def _roles(targets: str) -> set[str]:
@@ -210,29 +211,25 @@ def test_lora_trains_and_targets_only_the_requested_role(trained):
 
 
 def test_moe_routers_and_experts_are_never_adapted(trained):
-    if not trained["moe"]:
-        pytest.skip("dense architecture")
+    """MoE routers and routed experts get no adapter, whatever the preset (dense models: nothing to do)."""
     base = _load_base(trained["model_dir"])
     config = json.loads((trained["run_dir"] / "adapter" / "adapter_config.json").read_text())
     layer_modules = {n for n, _ in base.named_modules() if ".layers." in n}
     routers = {n for n in layer_modules if n.endswith((".gate", ".router"))}
     experts = {n for n in layer_modules if n.endswith(".experts")}
-    assert routers and experts  # the tiny MoE model really has them
+    assert bool(routers and experts) == trained["moe"]  # the tiny MoE models really have both
     for name in config["target_modules"]:
         assert not any(name == r or name.startswith(r + ".") for r in routers | experts), name
     # Role classification never calls a router or routed expert an attention/mlp projection.
     for site in linear_sites(base):
         if any(site.name.startswith(e + ".") for e in experts):
             assert site.role == "expert", site
-        if site.name in routers:
+        if any(site.name == r or site.name.startswith(r + ".") for r in routers):
             assert site.role == "router", site
     # Even the widest preset leaves routers and routed experts alone.
-    from deftune.models.arch import select_sites
-
     for site in select_sites(base, "all-linear", "all"):
         assert site.role in ("attention", "mlp")
-        assert site.name not in routers
-        assert not any(site.name.startswith(e + ".") for e in experts)
+        assert not any(site.name == r or site.name.startswith(r + ".") for r in routers | experts)
 
 
 def test_peft_loads_the_adapter_with_deftunes_logits(trained, probe_ids):
@@ -249,6 +246,27 @@ def test_peft_loads_the_adapter_with_deftunes_logits(trained, probe_ids):
 
     torch.testing.assert_close(peft_logits, our_logits, atol=1e-5, rtol=0)
     assert (our_logits - base_logits).abs().max() > 1e-4
+
+
+def test_deftune_loads_a_peft_made_adapter_with_peft_logits(trained, probe_ids, tmp_path):
+    """The other direction: an adapter written by PEFT itself (short target names, non-zero B)."""
+    peft = pytest.importorskip("peft")
+    from deftune.adapters.peft_format import load_adapter
+
+    config_path = trained["run_dir"] / "adapter" / "adapter_config.json"
+    names = json.loads(config_path.read_text())["target_modules"]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=leaves, init_lora_weights=False)
+    peft_model = peft.get_peft_model(_load_base(trained["model_dir"]), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    peft_logits = _logits(peft_model, probe_ids)
+
+    ours = _load_base(trained["model_dir"])
+    spec = load_adapter(ours, tmp_path / "peft")
+    wrapped = {n for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(spec.module_names) == {n.removeprefix("base_model.model.") for n in wrapped}
+    torch.testing.assert_close(_logits(ours, probe_ids), peft_logits, atol=1e-5, rtol=0)
 
 
 def test_merge_gives_a_plain_model_with_the_adapters_logits(trained, probe_ids):
@@ -307,3 +325,66 @@ def test_full_tuning_of_attention_leaves_everything_else_bitwise_unchanged(llama
             assert torch.equal(after[key], tensor), f"{key} changed but is not an attention weight"
     assert changed == attention
     assert summary.trainable_params == sum(before[f"{m}.weight"].numel() for m in attention)
+
+
+# -- role classification by name, including layouts the tiny models above do not produce ---------------
+
+ROLE_CASES = [
+    ("model.layers.0.self_attn.q_proj", "attention"),
+    ("model.layers.3.self_attn.kv_a_proj_with_mqa", "attention"),  # DeepSeek MLA
+    ("model.layers.3.self_attn.q_b_proj", "attention"),
+    ("model.layers.1.mlp.down_proj", "mlp"),
+    ("model.layers.1.mlp.shared_experts.gate_proj", "mlp"),  # DeepSeek shared expert: dense MLP
+    ("model.layers.1.mlp.shared_expert.up_proj", "mlp"),  # Qwen2-MoE shared expert
+    ("model.layers.1.mlp.shared_expert_gate", "router"),  # Qwen2-MoE shared-expert gate
+    ("model.layers.1.mlp.gate", "router"),  # Qwen-MoE / OLMoE / DeepSeek (linear layout)
+    ("model.layers.1.block_sparse_moe.gate", "router"),  # Mixtral, transformers 4 layout
+    ("model.layers.1.block_sparse_moe.experts.3.w1", "expert"),
+    ("model.layers.1.mlp.experts.7.gate_proj", "expert"),  # DeepSeek-V2/V3, Qwen-MoE v4 layout
+    ("model.layers.1.feed_forward.router", "router"),  # Llama 4
+    ("model.layers.1.feed_forward.shared_expert.down_proj", "mlp"),
+    ("model.layers.1.mlp.router.layer", "router"),  # router wrapping a linear (JetMoE, DBRX)
+    ("model.layers.1.mlp.gate.wg", "router"),  # HunYuan-MoE
+    ("model.language_model.layers.2.self_attn.o_proj", "attention"),  # Gemma 3 multimodal wrapper
+    ("base_model.model.model.layers.0.mlp.up_proj", "mlp"),  # inside a PeftModel
+]
+
+
+@pytest.mark.parametrize("name,role", ROLE_CASES, ids=[c[0].split("layers.", 1)[1] for c in ROLE_CASES])
+def test_classify_roles_by_name(name, role):
+    layer = int(name.split("layers.", 1)[1].split(".")[0])
+    assert classify(name) == (layer, role)
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens", "lm_head", "model.layers.0.input_layernorm"])
+def test_classify_outside_the_decoder_projections_is_none(name):
+    assert classify(name) is None
+
+
+def test_router_wrapping_a_linear_is_never_an_mlp_target():
+    """HunYuan-MoE keeps its router as ``mlp.gate.wg`` (an nn.Linear): presets must not adapt it."""
+    config_cls = getattr(transformers, "HunYuanMoEV1Config", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no HunYuan-MoE")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=4, moe_topk=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    ))
+    routers = [s for s in linear_sites(model) if s.leaf == "wg"]
+    assert routers and all(s.role == "router" for s in routers)
+    picked = {s.name for s in select_sites(model, "all-linear", "all")}
+    assert picked and not any(".gate." in n for n in picked)
+
+
+def test_layer_selection_on_a_moe_model():
+    """top/bottom select whole decoder layers; DeepSeek-V3's dense first layer is the bottom one."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config("deepseek_v3", 400))
+    bottom = select_sites(model, "mlp", "bottom:1")
+    assert bottom and {s.layer for s in bottom} == {0}
+    assert {s.leaf for s in bottom} == {"gate_proj", "up_proj", "down_proj"}
+    top = select_sites(model, "mlp", "top:1")  # the MoE layer: only its shared expert is an MLP
+    assert top and all(".shared_experts." in s.name for s in top)
+    assert {s.layer for s in select_sites(model, "attention", "top:1")} == {1}

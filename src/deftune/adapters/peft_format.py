@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -106,8 +107,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSpec:
         if not isinstance(base, nn.Linear):
             raise DeftuneError(f"Adapter module {name} is a {type(base).__name__}, not a linear layer")
         r = a.shape[0]
-        leaf_alpha = next((v for k, v in alpha_pattern.items() if name.endswith(k)), alpha)
-        expected_r = next((v for k, v in rank_pattern.items() if name.endswith(k)), rank)
+        leaf_alpha = _pattern_value(alpha_pattern, name, alpha)
+        expected_r = _pattern_value(rank_pattern, name, rank)
         if r != expected_r:
             raise DeftuneError(f"{name}: lora_A has rank {r} but the config says {expected_r}")
         if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
@@ -119,6 +120,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSpec:
             layer.lora_B.weight.copy_(b)
         replace_module(model, name, layer)
     return LoraSpec(rank, alpha, float(config.get("lora_dropout", 0.0)), rslora, names)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rule for rank_pattern/alpha_pattern keys: a regex matching the end of the module path."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

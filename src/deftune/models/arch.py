@@ -19,7 +19,7 @@ PRESETS = {
     "mlp": {"mlp"},
     "all-linear": {"attention", "mlp"},
 }
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 _ATTENTION_PARTS = {"self_attn", "attention", "attn", "self_attention"}
 _MLP_PARTS = {"mlp", "feed_forward", "block_sparse_moe", "ffn", "moe"}
 _ROUTER_LEAVES = {"gate", "router", "gate_network"}
@@ -68,7 +68,9 @@ def classify(name: str) -> tuple[int, str] | None:
     if any(p in _ATTENTION_PARTS for p in parts[:-1]):
         return layer, "attention"
     if any(p in _MLP_PARTS for p in parts[:-1]) or parts[0] in _MLP_PARTS:
-        if leaf in _ROUTER_LEAVES:
+        # A router is either the linear itself (mlp.gate) or a module wrapping one (mlp.router.layer in
+        # JetMoE/DBRX, mlp.gate.wg in HunYuan-MoE): both are routers, never MLP projections.
+        if leaf in _ROUTER_LEAVES or any(p in _ROUTER_LEAVES for p in parts[:-1]):
             return layer, "router"
         if "shared_expert_gate" == leaf:
             return layer, "router"
