@@ -64,7 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options (`eval RUN --data F --json k=v`), which argparse's
+    # positional matching does not allow: collect them from the leftovers.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if "=" not in x or x.startswith("-")]
+    if stray or (extra and args.verb not in ("eval", "train")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if args.verb == "eval":
+        args.overrides = list(args.overrides) + extra
+    elif args.verb == "train":
+        args.args = list(args.args) + extra
     try:
         return _dispatch(args)
     except DeftuneError as exc:

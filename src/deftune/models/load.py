@@ -126,10 +126,11 @@ def resolve_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg_dtype)
 
 
-def load_tokenizer(location: str, trust_remote_code: bool = False):
+def load_tokenizer(location: str, trust_remote_code: bool = False, local_files_only: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                         local_files_only=local_files_only)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
@@ -145,10 +146,13 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
         _check_folder_weights(Path(location))
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+    if source.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        # Read at call time (huggingface_hub reads it once at import), so offline fails at once.
+        kwargs["local_files_only"] = True
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        tokenizer = load_tokenizer(location, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(location, cfg.trust_remote_code, kwargs.get("local_files_only", False))
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, EnvironmentError) as exc:
         if source.kind == "hub":
