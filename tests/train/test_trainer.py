@@ -149,3 +149,40 @@ def test_full_method_trains_only_chosen_modules(tiny_llama_dir, copy_task_file, 
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed == {f"model.layers.1.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     assert summary.trainable_params == sum(base[k].numel() for k in changed)
+
+
+def test_epochs_set_the_step_count(tiny_llama_dir, copy_task_file, tmp_path):
+    # 48 records, 20% eval -> 38 train; micro 4 -> 10 micro-batches; accum 2 -> 5 steps per epoch.
+    recipe = tiny_recipe(tiny_llama_dir, copy_task_file, tmp_path / "run", train={"max_steps": 0, "epochs": 2})
+    assert train(recipe, progress=False).steps == 10
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_llama_dir, copy_task_file, tmp_path):
+    plain = tiny_recipe(tiny_llama_dir, copy_task_file, tmp_path / "plain", train={"max_steps": 3})
+    ckpt = tiny_recipe(tiny_llama_dir, copy_task_file, tmp_path / "ckpt",
+                       train={"max_steps": 3, "gradient_checkpointing": True})
+    train(plain, progress=False)
+    train(ckpt, progress=False)
+    a, b = _losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5)
+
+
+def test_packing_trains_on_the_same_tokens(tiny_llama_dir, copy_task_file, tmp_path):
+    run = tmp_path / "packed"
+    recipe = tiny_recipe(tiny_llama_dir, copy_task_file, run, data={"packing": True, "max_length": 64},
+                         train={"max_steps": 6, "micro_batch": 2})
+    summary = train(recipe, progress=False)
+    losses = _losses(run)
+    assert losses[6] < losses[1]
+    assert summary.after["eval_loss"] < summary.before["eval_loss"]
+
+
+def test_tokenizer_without_pad_token_falls_back_to_eos(tmp_path, copy_task_file, capsys):
+    from conftest import make_tiny_tokenizer, save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "nopad")
+    make_tiny_tokenizer(pad=False).save_pretrained(folder)
+    train(tiny_recipe(folder, copy_task_file, tmp_path / "run", train={"max_steps": 1}), progress=False)
+    assert "pad" in capsys.readouterr().out.lower()
