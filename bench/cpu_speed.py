@@ -36,8 +36,8 @@ def run_deftune(model_dir: str, steps: int, threads: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="deftune-bench-"))
     args = [
         sys.executable, "-m", "deftune.cli", "train", "--no-progress", f"model={model_dir}",
-        f"output_dir={out}/run", f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0",
-        f"train.threads={threads}", "eval.task_samples=0", "data.eval=demo-eval", "data.max_eval_records=8",
+        f"output_dir={out}/run", f"train.max_steps={steps}", "eval.every=0", "train.save_every=0",
+        f"train.threads={threads}", "eval.samples=0", "data.eval=demo-eval", "data.max_eval_records=8",
         "adapter.rank=16", "adapter.alpha=32", "adapter.targets=all-linear", "adapter.layers=all",
         "train.micro_batch=8", "train.grad_accum=2", "train.lr=2e-4",
     ]

@@ -38,8 +38,8 @@ def main() -> None:
     AutoTokenizer.from_pretrained(args.shape_dir).save_pretrained(work / "model")
     del model
     recipe = load_recipe(None, [f"model={work / 'model'}", f"output_dir={work / 'run'}", "device=cuda",
-                                f"train.max_steps={args.steps}", "eval.task_samples=0", "train.save_every=0",
-                                "train.eval_every=0"])
+                                f"train.max_steps={args.steps}", "eval.samples=0", "train.save_every=0",
+                                "eval.every=0"])
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     summary = deftune.train(recipe, progress=False)

@@ -136,7 +136,8 @@ def tiny_recipe(model_dir, data_file, output_dir, **sections):
         "data": {"train": str(data_file), "max_length": 64, "eval_fraction": 0.2},
         "adapter": {"targets": "all-linear", "rank": 4, "alpha": 8},
         "train": {"lr": 5e-3, "micro_batch": 4, "grad_accum": 2, "max_steps": 6, "warmup": 1},
-        "eval": {"task_samples": 0},
+        "eval": {"samples": 0},
+        "monitor": {"tensorboard": False, "report": False},
     }
     for section, values in sections.items():
         if isinstance(values, dict):

@@ -116,7 +116,8 @@ def _recipe(model_dir: Path, data: Path, out: Path, **over) -> dict:
         "adapter": {"targets": "all-linear", "layers": "all", "rank": 4, "alpha": 8.0},
         "train": {"max_steps": 10, "lr": 1e-2, "micro_batch": 4, "grad_accum": 1, "warmup": 0,
                   "schedule": "constant", "log_every": 1, "seed": 0},
-        "eval": {"task_samples": 0, "show_examples": 0},
+        "eval": {"samples": 0, "show_examples": 0},
+        "monitor": {"tensorboard": False, "report": False},
     }
     for section, values in over.items():
         if isinstance(values, dict):

@@ -24,17 +24,17 @@ def test_cli_train_eval_generate_merge_on_default_model(default_model, tmp_path,
     run = tmp_path / "run"
     code = main(["train", "--no-progress", f"output_dir={run}", "train.max_steps=2", "train.micro_batch=4",
                  "train.grad_accum=1", "data.max_train_records=16", "data.max_eval_records=8",
-                 "eval.task_samples=4", "eval.max_new_tokens=12"])
+                 "eval.samples=4", "eval.max_new_tokens=12"])
     assert code == 0
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "exact_match" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and "exact_match" in summary["before"] and "exact_match" in summary["after"]
 
-    assert main(["eval", str(run), "--data", "demo-eval", "--json", "eval.task_samples=2",
+    assert main(["eval", str(run), "--data", "demo-eval", "--json", "eval.samples=2",
                  "data.max_eval_records=4"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(metrics) >= {"eval_loss", "perplexity", "exact_match"} and metrics["records"] == 4
+    assert set(metrics) >= {"eval_loss", "eval_ppl", "exact_match", "bleu4", "rougeL", "token_f1"} and metrics["records"] == 4
 
     assert main(["generate", str(run), "Convert this date to ISO 8601 (YYYY-MM-DD): 5 March 2021",
                  "--max-new-tokens", "8"]) == 0

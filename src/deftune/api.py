@@ -40,6 +40,8 @@ class RunSummary:
     after: dict = field(default_factory=dict)
     examples: list = field(default_factory=list)
     output: str = ""
+    skipped_steps: int = 0
+    report: str = ""
 
 
 def seed_everything(seed: int) -> None:
@@ -97,34 +99,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _task_eval(model, tokenizer, samples, recipe: Recipe, device, eval_examples) -> tuple[dict, list]:
-    """Eval loss/perplexity on the eval examples and the task score on the first eval samples."""
-    from deftune.data.templates import prompt_for_generation
-    from deftune.eval.generation import generate_texts
-    from deftune.eval.tasks import exact_match, normalize_answer
-    from deftune.train.loop import evaluate_loss
-
-    result: dict = {}
-    if eval_examples:
-        loss = evaluate_loss(model, eval_examples, recipe.train.micro_batch, tokenizer.pad_token_id, device)
-        result.update(eval_loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 3))
-    examples = []
-    n = min(recipe.eval.task_samples, len(samples))
-    if recipe.eval.task_metric != "none" and n > 0:
-        chosen = samples[:n]
-        prompts = [prompt_for_generation(s, tokenizer, recipe.data.template, recipe.data.system_prompt)
-                   for s in chosen]
-        predictions = generate_texts(model, tokenizer, prompts, recipe.eval.max_new_tokens)
-        references = [s.response for s in chosen]
-        result["exact_match"] = round(exact_match(predictions, references), 4)
-        result["task_samples"] = n
-        examples = [
-            {"query": s.query, "reference": r, "prediction": normalize_answer(p)}
-            for s, r, p in zip(chosen, references, predictions)
-        ]
-    return result, examples
-
-
 def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tuple = (),
           progress: bool = True) -> RunSummary:
     """Run a recipe end to end: load, prepare data, score before, train, save, score after."""
@@ -155,8 +129,10 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     for split, stats in data.stats.items():
         print(f"Data {split}: {stats.summary()}")
 
-    eval_samples = data.eval_samples
-    before, _ = _task_eval(model, tokenizer, eval_samples, recipe, device, data.eval)
+    from deftune.eval.validate import validation_metrics
+
+    final_n = recipe.eval.final_samples or recipe.eval.samples
+    before, _ = validation_metrics(model, tokenizer, data.eval, data.eval_samples, recipe, device, final_n)
     if before:
         print(f"Before training: {_fmt(before)}")
 
@@ -172,7 +148,17 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-    trainer = Trainer(recipe, model, tokenizer, data, run_dir, device, progress=progress)
+    def save_best(folder: Path) -> None:
+        # The best adapter (by eval.plateau_metric) is kept apart from the latest.
+        if recipe.method == "lora":
+            save_adapter(model, spec, folder, source.name)
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    trainer = Trainer(recipe, model, tokenizer, data, run_dir, device, progress=progress, on_best=save_best)
+    if before:
+        trainer._log({"step": 0, "phase": "before", **before})
     result = trainer.run()
 
     if recipe.method == "lora":
@@ -184,14 +170,21 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_disable()
         model.config.use_cache = True
-    after, examples = _task_eval(model, tokenizer, eval_samples, recipe, device, data.eval)
+    after, examples = validation_metrics(model, tokenizer, data.eval, data.eval_samples, recipe, device, final_n)
+    if after:
+        trainer._log({"step": result.steps, "phase": "after", **after})
     summary = RunSummary(
         run_dir=str(run_dir), method=recipe.method, steps=result.steps, seconds=round(result.seconds, 1),
         tokens_per_s=round(result.tokens_per_s, 1), trainable_params=trainable, total_params=total,
         before=before, after=after, examples=examples[: recipe.eval.show_examples], output=str(out),
+        skipped_steps=result.skipped_steps,
     )
     if is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2), encoding="utf-8")
+        if recipe.monitor.report:
+            from deftune.train.report import build_report
+
+            summary.report = str(build_report(run_dir, recipe.monitor.ineffective_fraction))
     return summary
 
 
@@ -203,18 +196,21 @@ def print_summary(summary: RunSummary) -> None:
     print()
     print(f"Run folder: {summary.run_dir}  ({summary.steps} steps in {summary.seconds}s, "
           f"{summary.tokens_per_s} tokens/s)")
-    keys = [k for k in ("eval_loss", "perplexity", "exact_match") if k in summary.before or k in summary.after]
+    keys = [k for k in ("eval_loss", "eval_ppl", "exact_match", "token_f1", "bleu4", "rougeL")
+            if k in summary.before or k in summary.after]
     if keys:
         print(f"{'held-out':<14}{'before':>12}{'after':>12}")
         for key in keys:
             b, a = summary.before.get(key, ""), summary.after.get(key, "")
-            if key == "exact_match":
+            if key in ("exact_match", "token_f1", "rougeL"):
                 b, a = f"{100 * b:.1f}%" if b != "" else "", f"{100 * a:.1f}%" if a != "" else ""
             print(f"{key:<14}{b!s:>12}{a!s:>12}")
     for ex in summary.examples:
         mark = "ok " if ex["prediction"].strip() == ex["reference"].strip() else "bad"
         print(f"  [{mark}] {ex['query'][:70]!r}\n        -> {ex['prediction'][:60]!r} (expected {ex['reference']!r})")
     print(f"Saved: {summary.output}")
+    if summary.report:
+        print(f"Report: {summary.report}  (TensorBoard: tensorboard --logdir {summary.run_dir})")
 
 
 def load_for_inference(run_or_model: str, device: str = "auto"):
@@ -251,7 +247,7 @@ def load_for_inference(run_or_model: str, device: str = "auto"):
 
 
 def evaluate(run_or_model: str, data: str, device: str = "auto", overrides: list[str] | tuple = ()) -> dict:
-    """Eval loss, perplexity and (when eval.task_metric is set) the task score on ``data``."""
+    """Eval loss, perplexity and the generation metrics of ``eval.metrics`` on ``data``."""
     from deftune.data import prepare_data
 
     model, tokenizer, recipe = load_for_inference(run_or_model, device)
@@ -266,7 +262,10 @@ def evaluate(run_or_model: str, data: str, device: str = "auto", overrides: list
     recipe.data.eval = data
     prepared = prepare_data(recipe.data, tokenizer)
     dev = next(model.parameters()).device
-    metrics, _ = _task_eval(model, tokenizer, prepared.eval_samples, recipe, dev, prepared.eval)
+    from deftune.eval.validate import validation_metrics
+
+    metrics, _ = validation_metrics(model, tokenizer, prepared.eval, prepared.eval_samples, recipe, dev,
+                                    recipe.eval.final_samples or recipe.eval.samples)
     metrics["records"] = len(prepared.eval)
     return metrics
 

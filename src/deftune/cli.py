@@ -4,6 +4,7 @@
     deftune eval RUN_OR_MODEL --data FILE [--json] [key=value ...]
     deftune generate RUN_OR_MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
     deftune merge RUN --out DIR
+    deftune report RUN                               (rebuild report.md + plots from metrics.jsonl)
     deftune keys                                     (every recipe key with its meaning)
 """
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data file, folder, hub id, 'demo' or 'demo-eval'")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. eval.task_samples=50)")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. eval.samples=50)")
     p = sub.add_parser("generate", help="answer a prompt with a run or model (streams to the terminal)")
     p.add_argument("target")
     p.add_argument("prompt")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a LoRA run into its base model (plain Hugging Face folder)")
     p.add_argument("run")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="rebuild report.md and plots of a run from its metrics.jsonl")
+    p.add_argument("run")
     sub.add_parser("keys", help="list every recipe key with its meaning")
     return parser
 
@@ -107,6 +110,10 @@ def _dispatch(args) -> int:
     elif args.verb == "merge":
         out = api.merge(args.run, args.out)
         print(f"Merged model saved to {out}")
+    elif args.verb == "report":
+        from deftune.train.report import build_report
+
+        print(f"Report written to {build_report(args.run)}")
     elif args.verb == "keys":
         from deftune.config import field_docs
 

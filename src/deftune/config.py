@@ -61,6 +61,9 @@ class DataConfig:
     eval_fraction: float = 0.1
     # Seed of the train/eval split.
     split_seed: int = 0
+    # Fraction of training samples rendered each epoch with another prompt template from a pool
+    # (chosen by seed and epoch).
+    augment_fraction: float = 0.1
     # Use at most this many training records (0 = all).
     max_train_records: int = 0
     # Use at most this many evaluation records (0 = all).
@@ -77,6 +80,8 @@ class DataConfig:
             )
         if self.max_length < 8:
             raise DeftuneError(f"data.max_length must be at least 8, got {self.max_length}")
+        if not 0.0 <= self.augment_fraction <= 1.0:
+            raise DeftuneError(f"data.augment_fraction must be in [0, 1], got {self.augment_fraction}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DeftuneError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
@@ -132,8 +137,6 @@ class TrainConfig:
     seed: int = 42
     # Recompute activations in backward to save memory.
     gradient_checkpointing: bool = False
-    # Evaluate eval loss every N optimizer steps (0 = only at the end).
-    eval_every: int = 0
     # Log to the console and metrics.jsonl every N optimizer steps.
     log_every: int = 1
     # Save a checkpoint every N optimizer steps (0 = only at the end).
@@ -162,18 +165,81 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Records scored by generation before and after training (0 = skip the task score).
-    task_samples: int = 100
+    # Validate every N optimizer steps: eval loss, perplexity and generation metrics (0 = only at the end).
+    every: int = 0
+    # Eval records scored by generation at each validation (0 = no generation metrics).
+    samples: int = 64
+    # Eval records scored before and after training (0 = same as eval.samples).
+    final_samples: int = 0
     # Maximum new tokens generated per answer when scoring.
-    max_new_tokens: int = 32
-    # Task score: exact (exact match after stripping), or none.
-    task_metric: str = "exact"
+    max_new_tokens: int = 48
+    # Generation metrics: any of exact_match, token_f1, bleu4, rougeL.
+    metrics: list = field(default_factory=lambda: ["exact_match", "token_f1", "bleu4", "rougeL"])
+    # Language of the answers for metric tokenisation: auto (detected), or en, zh, ja, ko.
+    language: str = "auto"
+    # Metric watched for the plateau LR reduction, early stop and the best checkpoint.
+    plateau_metric: str = "eval_loss"
+    # Evaluations without improvement before the LR is reduced.
+    plateau_patience: int = 3
+    # Factor the LR schedule is multiplied by on a plateau.
+    plateau_factor: float = 0.5
+    # Floor of the plateau multiplier (the LR never drops below this fraction of its schedule).
+    plateau_min_scale: float = 0.01
+    # Evaluations without improvement before training stops early (0 = never).
+    early_stop_patience: int = 0
     # Example answers printed before/after training.
     show_examples: int = 3
 
     def __post_init__(self):
-        if self.task_metric not in ("exact", "none"):
-            raise DeftuneError(f"eval.task_metric must be exact or none, got {self.task_metric!r}")
+        from deftune.eval.names import HIGHER_IS_BETTER, METRIC_NAMES
+
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        if unknown:
+            raise DeftuneError(f"eval.metrics: unknown {unknown}; choose from {list(METRIC_NAMES)}")
+        if self.plateau_metric not in HIGHER_IS_BETTER:
+            raise DeftuneError(
+                f"eval.plateau_metric must be one of {sorted(HIGHER_IS_BETTER)}, got {self.plateau_metric!r}"
+            )
+        if self.plateau_metric in METRIC_NAMES and self.plateau_metric not in self.metrics:
+            raise DeftuneError(f"eval.plateau_metric={self.plateau_metric} must also be in eval.metrics")
+        if not 0 < self.plateau_factor < 1:
+            raise DeftuneError(f"eval.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.plateau_patience < 1:
+            raise DeftuneError(f"eval.plateau_patience must be >= 1, got {self.plateau_patience}")
+        if self.language not in ("auto", "en", "zh", "ja", "ko"):
+            raise DeftuneError(f"eval.language must be auto, en, zh, ja or ko, got {self.language!r}")
+
+
+@dataclass
+class MonitorConfig:
+    # Write TensorBoard event files into the run folder (needs deftune[monitor]).
+    tensorboard: bool = True
+    # Log the gradient norm of every decoder layer, not only the global norm.
+    layer_grad_norms: bool = True
+    # Every N steps log the relative update of each adapted module, layer x module (0 = off).
+    heatmap_every: int = 50
+    # A module is "ineffective" when its relative update is below this fraction of the median.
+    ineffective_fraction: float = 0.1
+    # Gradient-norm guard action on a spike above mean + k sigma: stop, skip or off.
+    guard: str = "stop"
+    # k of the guard: how many standard deviations above the rolling mean is a spike.
+    guard_sigma: float = 3.0
+    # Steps in the guard's rolling window.
+    guard_window: int = 50
+    # Steps observed before the guard may fire.
+    guard_warmup: int = 20
+    # Non-finite loss/gradients: skip the step; this many in a row stop the run.
+    max_nonfinite: int = 3
+    # Write report.md and plots at the end of the run (needs deftune[monitor]).
+    report: bool = True
+
+    def __post_init__(self):
+        if self.guard not in ("stop", "skip", "off"):
+            raise DeftuneError(f"monitor.guard must be stop, skip or off, got {self.guard!r}")
+        if self.guard_sigma <= 0 or self.guard_window < 2 or self.guard_warmup < 2:
+            raise DeftuneError("monitor.guard_sigma must be > 0, guard_window and guard_warmup >= 2")
+        if self.max_nonfinite < 1:
+            raise DeftuneError(f"monitor.max_nonfinite must be >= 1, got {self.max_nonfinite}")
 
 
 @dataclass
@@ -189,6 +255,7 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self):
         if self.method not in ("lora", "full"):

@@ -22,3 +22,11 @@ def test_exact_match_fraction():
 def test_exact_match_length_mismatch():
     with pytest.raises(ValueError):
         exact_match(["a"], ["a", "b"])
+
+
+def test_multiline_references_keep_the_lines_of_the_prediction():
+    from deftune.eval.tasks import exact_match, normalize_answer
+
+    assert normalize_answer("line one\nline two\n### Instruction: x", keep_lines=True) == "line one\nline two"
+    assert exact_match(["line one\nline two"], ["line one\nline two"]) == 1.0
+    assert exact_match(["answer\nchatter"], ["answer"]) == 1.0

@@ -79,8 +79,10 @@ def test_checkpoints_are_atomic_and_pruned(tiny_llama_dir, copy_task_file, tmp_p
     assert find_checkpoint(run, "auto").name == "step-0000006"
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(tiny_llama_dir, copy_task_file, tmp_path,
-                                                                    monkeypatch):
+def test_nonfinite_steps_are_skipped_then_stop_with_good_state(tiny_llama_dir, copy_task_file, tmp_path,
+                                                                monkeypatch):
+    from safetensors.torch import load_file
+
     from deftune.train import loss as loss_module
 
     real = loss_module.response_loss_sum
@@ -91,15 +93,20 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(tiny_llama_di
         if not model.training:  # evaluation passes stay clean
             return value, n
         calls["n"] += 1
-        return (value * float("nan"), n) if calls["n"] > 4 else (value, n)  # step 3 (2 micro-batches each)
+        return (value * float("nan"), n) if calls["n"] > 4 else (value, n)  # from step 3 on (2 micro each)
 
     monkeypatch.setattr(loop, "response_loss_sum", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(DeftuneError, match=r"Non-finite loss at step 3.*Last good state saved"):
-        train(tiny_recipe(tiny_llama_dir, copy_task_file, run), progress=False)
-    assert find_checkpoint(run, "auto").name == "step-0000002"
-    state = json.loads((find_checkpoint(run, "auto") / "meta.json").read_text())
-    assert state["step"] == 2
+    recipe = tiny_recipe(tiny_llama_dir, copy_task_file, run, train={"save_every": 1, "keep_last": 10})
+    with pytest.raises(loop.TrainingStopped, match=r"Non-finite loss at step 5 \(3 step\(s\) in a row.*Last good state"):
+        train(recipe, progress=False)
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    nonfinite = [(e["step"], e["action"]) for e in events if e.get("event") == "nonfinite"]
+    assert nonfinite == [(3, "skip"), (4, "skip"), (5, "stop")]
+    good = load_file(str(run / "checkpoints" / "step-0000002" / "state.safetensors"))
+    last = load_file(str(find_checkpoint(run, "auto") / "state.safetensors"))
+    params = [k for k in good if k.startswith("param.")]
+    assert params and all(torch.equal(good[k], last[k]) for k in params)
 
 
 def test_existing_run_is_never_overwritten(tiny_llama_dir, copy_task_file, tmp_path):

@@ -3,6 +3,9 @@
 ``prepare_data(cfg.data, tokenizer)`` runs the whole chain:
 
     read_records -> to_samples -> split_train_eval -> cap -> tokenize_samples  (train and eval)
+
+Per epoch, ``epoch_examples`` re-renders a fraction of the training examples with other templates
+(``deftune.data.augment``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deftune.config import DataConfig
+from deftune.data.augment import (
+    CHAT_WRAPPER_POOL,
+    SEED_TEMPLATE_POOL,
+    augment_examples,
+    epoch_examples,
+    example_sample_index,
+    template_pool,
+)
 from deftune.data.collate import batches, pack_collate, pack_examples, pad_collate
 from deftune.data.formats import Sample, detect_format, to_samples
 from deftune.data.readers import read_records
@@ -25,16 +36,21 @@ from deftune.data.tokenize import (
 )
 
 __all__ = [
+    "CHAT_WRAPPER_POOL",
     "IGNORE_INDEX",
     "SEED_TEMPLATE",
+    "SEED_TEMPLATE_POOL",
     "DataStats",
     "Example",
     "PreparedData",
     "Sample",
+    "augment_examples",
     "batches",
     "detect_format",
     "encode_prompt",
     "ensure_pad_token",
+    "epoch_examples",
+    "example_sample_index",
     "pack_collate",
     "pack_examples",
     "pad_collate",
@@ -43,6 +59,7 @@ __all__ = [
     "read_records",
     "render",
     "split_train_eval",
+    "template_pool",
     "to_samples",
     "tokenize_samples",
 ]
@@ -50,13 +67,18 @@ __all__ = [
 
 @dataclass
 class PreparedData:
-    """Tokenized train/eval examples, the samples they came from (for generation scoring) and stats."""
+    """Tokenized train/eval examples, the samples they came from (for generation scoring) and stats.
+
+    ``train_sample_index[i]`` is the index in ``train_samples`` of ``train[i]`` (samples skipped for
+    length have no example); empty when not computed (then matched by source when needed).
+    """
 
     train: list[Example]
     eval: list[Example]
     train_samples: list[Sample]
     eval_samples: list[Sample]
     stats: dict[str, DataStats] = field(default_factory=dict)
+    train_sample_index: list[int] = field(default_factory=list)
 
 
 def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
@@ -83,4 +105,6 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
         eval_samples, tokenizer, cfg.template, cfg.max_length, cfg.system_prompt
     )
     stats = {"train": train_stats, "eval": eval_stats}
-    return PreparedData(train, evaluation, train_samples, eval_samples, stats)
+    return PreparedData(
+        train, evaluation, train_samples, eval_samples, stats, example_sample_index(train_samples, train)
+    )

@@ -7,19 +7,21 @@ from collections.abc import Sequence
 __all__ = ["normalize_answer", "exact_match"]
 
 
-def normalize_answer(text: str) -> str:
+def normalize_answer(text: str, keep_lines: bool = False) -> str:
     """Reduce a generated answer to the part that is scored.
 
     The text is cut at the first newline or at the first ``"###"`` (the seed template's section
     marker), so trailing chatter after the answer does not count, then surrounding whitespace is
     stripped. Leading whitespace/newlines are removed before cutting, so an answer that starts on a
-    new line is still found.
+    new line is still found. ``keep_lines`` (used when the reference itself spans several lines) cuts
+    only at ``"###"``.
 
     >>> normalize_answer("  2021-03-05\\n### Instruction: more")
     '2021-03-05'
     """
     text = (text or "").strip()
-    for marker in ("\n", "###"):
+    # Multi-line references (long-form answers) keep their lines; only the next section marker ends them.
+    for marker in (("###",) if keep_lines else ("\n", "###")):
         idx = text.find(marker)
         if idx != -1:
             text = text[:idx]
@@ -35,5 +37,11 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
         return 0.0
-    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+    hits = sum(
+        normalize_answer(p, _multiline(r)) == normalize_answer(r, True) for p, r in zip(predictions, references)
+    )
     return hits / len(references)
+
+
+def _multiline(reference: str) -> bool:
+    return "\n" in (reference or "").strip()

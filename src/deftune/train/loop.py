@@ -1,8 +1,13 @@
 """The training loop: one optimizer step = ``grad_accum`` micro-batches, token-weighted.
 
-Fixed life cycle: ``Trainer(...)`` sets up optimizer, schedule and the data stream; ``run()`` resumes if
-asked, loops, evaluates, checkpoints, and returns a summary. Everything that writes files goes through
-``is_main_process`` (see ``dist.py``).
+Fixed life cycle: ``Trainer(...)`` sets up optimizer, schedule, monitors and the data stream; ``run()``
+resumes if asked, loops, validates, checkpoints, and returns a summary. Everything that writes files goes
+through ``is_main_process`` (see ``dist.py``).
+
+Per step: forward/backward -> non-finite check (skip; N in a row stop) -> clip -> gradient-norm guard
+(stop or skip on a 3-sigma spike) -> optimizer step -> logs. Per validation: eval loss + generation
+metrics -> plateau controller (LR x factor after `patience` non-improving evaluations, best adapter kept,
+optional early stop).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,11 +30,18 @@ from deftune.errors import DeftuneError
 from deftune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from deftune.train.dist import is_main_process
 from deftune.train.loss import count_label_tokens, response_loss_sum
+from deftune.train.monitor import (
+    Board, GradNormGuard, PlateauController, UpdateTracker, layer_grad_norms, peak_memory_gib,
+)
 from deftune.train.optim import build_optimizer
 
 
 class TrainingInterrupted(DeftuneError):
     """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
+
+
+class TrainingStopped(DeftuneError):
+    """The gradient-norm guard or repeated non-finite steps stopped the run (checkpoint saved)."""
 
 
 @dataclass
@@ -39,6 +52,8 @@ class TrainResult:
     tokens_per_s: float
     seconds: float
     resumed_from: str | None = None
+    skipped_steps: int = 0
+    stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
 
 
@@ -53,8 +68,7 @@ def move(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples, micro_batch: int, pad_id: int, device: torch.device,
-                  packing: bool = False, max_length: int | None = None) -> float:
+def evaluate_loss(model: nn.Module, examples, micro_batch: int, pad_id: int, device: torch.device) -> float:
     """Mean response-token cross-entropy over ``examples`` (perplexity = exp of it)."""
     if not examples:
         return float("nan")
@@ -72,50 +86,83 @@ def evaluate_loss(model: nn.Module, examples, micro_batch: int, pad_id: int, dev
 
 class Trainer:
     def __init__(self, recipe: Recipe, model: nn.Module, tokenizer, data: PreparedData, run_dir: Path,
-                 device: torch.device, progress: bool = True):
+                 device: torch.device, progress: bool = True,
+                 on_best: Callable[[Path], None] | None = None):
         self.recipe = recipe
         self.cfg = recipe.train
+        self.mon = recipe.monitor
         self.model = model
         self.tokenizer = tokenizer
         self.data = data
         self.run_dir = Path(run_dir)
         self.device = device
         self.progress = progress
+        self.on_best = on_best
         self.pad_id = tokenizer.pad_token_id
         if not data.train:
             raise DeftuneError("The training split is empty after tokenization")
-        self.micro_batches_per_epoch = len(self._epoch_batches(0))
-        self.steps_per_epoch = max(1, math.ceil(self.micro_batches_per_epoch / self.cfg.grad_accum))
+        self._epoch_cache: dict[int, list[dict]] = {}
+        self._epoch_lengths: dict[int, int] = {}
+        self._augment_counts: dict[int, tuple[int, int]] = {}
+        self._augment_logged: set[int] = set()
+        self.history: list[dict] = []
+        micro_per_epoch = self._epoch_length(0)
+        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / self.cfg.grad_accum))
         if self.cfg.max_steps > 0:
             self.total_steps = self.cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
-        self.optimizer, self.scheduler = build_optimizer(model, self.cfg, self.total_steps)
+        ev = recipe.eval
+        self.plateau = PlateauController(ev.plateau_metric, ev.plateau_patience, ev.plateau_factor,
+                                         ev.plateau_min_scale, ev.early_stop_patience)
+        self.optimizer, self.scheduler = build_optimizer(model, self.cfg, self.total_steps,
+                                                         scale=lambda: self.plateau.scale)
+        self.guard = GradNormGuard(self.mon.guard_sigma, self.mon.guard_window, self.mon.guard_warmup)
+        self.updates = UpdateTracker(model) if self.mon.heatmap_every else None
         self.step = 0
-        self._epoch_cache: dict[int, list[dict]] = {}
+        self.skipped = 0
+        self.nonfinite_run = 0
         self._stop_signal: int | None = None
-        self.history: list[dict] = []
+        self.board: Board | None = None
 
     # -- data stream ---------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[dict]:
+        examples = self.data.train
+        if self.recipe.data.augment_fraction > 0:
+            from deftune.data.augment import epoch_examples
+
+            examples, replaced = epoch_examples(self.data, self.tokenizer, self.recipe.data, self.cfg.seed,
+                                                epoch, fraction=self.recipe.data.augment_fraction)
+            self._augment_counts[epoch] = (replaced, len(examples))
         return batches(
-            self.data.train, self.cfg.micro_batch, self.pad_id, seed=self.cfg.seed, epoch=epoch,
+            examples, self.cfg.micro_batch, self.pad_id, seed=self.cfg.seed, epoch=epoch,
             shuffle=True, packing=self.recipe.data.packing, max_length=self.recipe.data.max_length,
         )
 
-    def _micro_batch(self, index: int) -> dict:
-        """Micro-batch ``index`` of the run-long stream: epochs follow one another, each reshuffled
-        by (seed, epoch), so a resumed run draws exactly what the uninterrupted one would."""
-        epoch, offset = divmod(index, self.micro_batches_per_epoch)
+    def _epoch_length(self, epoch: int) -> int:
+        if epoch not in self._epoch_lengths:
+            self._epoch_lengths[epoch] = len(self._get_epoch(epoch))
+        return self._epoch_lengths[epoch]
+
+    def _get_epoch(self, epoch: int) -> list[dict]:
         if epoch not in self._epoch_cache:
             self._epoch_cache = {epoch: self._epoch_batches(epoch)}
-        return self._epoch_cache[epoch][offset]
+        return self._epoch_cache[epoch]
+
+    def _micro_batch(self, index: int) -> dict:
+        """Micro-batch ``index`` of the run-long stream: epochs follow one another, each reshuffled (and
+        re-augmented) by (seed, epoch), so a resumed run draws exactly what the uninterrupted one would.
+        With packing an epoch's row count can vary, hence the walk over epoch lengths."""
+        epoch = 0
+        while index >= self._epoch_length(epoch):
+            index -= self._epoch_length(epoch)
+            epoch += 1
+        return self._get_epoch(epoch)[index]
 
     # -- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
         self._stop_signal = signum
-        # A second Ctrl-C kills at once.
-        signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
 
     @contextlib.contextmanager
     def _signals(self):
@@ -131,7 +178,7 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    # -- logging -------------------------------------------------------------------------------
+    # -- logging and saving --------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if is_main_process():
@@ -139,18 +186,38 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def _say(self, text: str, bar=None) -> None:
+        if not is_main_process():
+            return
+        if bar is not None:
+            bar.write(text)
+        else:
+            print(text)
+
+    def _state(self) -> dict:
+        return {"total_steps": self.total_steps, "seed": self.cfg.seed, "skipped": self.skipped,
+                "nonfinite_run": self.nonfinite_run, "guard": self.guard.state_dict(),
+                "plateau": self.plateau.state_dict()}
+
     def save(self) -> Path | None:
         if not is_main_process():
             return None
-        return save_checkpoint(
-            self.run_dir, self.model, self.optimizer, self.scheduler, self.step,
-            {"total_steps": self.total_steps, "seed": self.cfg.seed}, self.cfg.keep_last,
-        )
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.step,
+                               self._state(), self.cfg.keep_last)
 
-    # -- the loop ------------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step. Returns (mean loss, grad norm before clipping, tokens seen)."""
-        model, cfg = self.model, self.cfg
+    def _apply_scale_now(self) -> None:
+        """Re-evaluate the schedule at its current position so a new plateau scale applies to the very
+        next update, not one step later."""
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    # -- one step ------------------------------------------------------------------------------
+    def forward_backward(self) -> tuple[float, int]:
+        """Accumulate gradients over the step's micro-batches. Returns (mean loss, tokens seen);
+        the loss is non-finite when a micro-batch's was (its gradients are then dropped)."""
+        cfg = self.cfg
         micro = [self._micro_batch(self.step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
         label_tokens = sum(count_label_tokens(b) for b in micro)
         if label_tokens == 0:
@@ -160,41 +227,103 @@ class Trainer:
         for batch in micro:
             batch = move(batch, self.device)
             with autocast_context(self.device):
-                loss_sum, _ = response_loss_sum(model, batch)
+                loss_sum, _ = response_loss_sum(self.model, batch)
             if not torch.isfinite(loss_sum):
-                self.optimizer.zero_grad(set_to_none=True)
-                return float("nan"), float("nan"), seen
+                return float("nan"), seen
             (loss_sum / label_tokens).backward()
             loss_total += float(loss_sum.detach())
             seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return loss_total / label_tokens, seen
+
+    def _advance_without_update(self) -> None:
+        """Drop this step's gradients but move on (data and schedule), so a bad batch is not retried."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.scheduler.step()
+
+    def train_step(self) -> dict:
+        """One optimizer step (or a skipped one). Returns the step's record for the logs."""
+        loss, tokens = self.forward_backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss_total / label_tokens, grad_norm, seen
+        grad_norm = float("nan")
+        if math.isfinite(loss):
+            max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        step_no = self.step + 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(loss) else "grad_norm"
+            self.nonfinite_run += 1
+            stop = self.nonfinite_run >= self.mon.max_nonfinite
+            self._log({"step": step_no, "event": "nonfinite", "what": what, "action": "stop" if stop else "skip"})
+            if stop:
+                self.optimizer.zero_grad(set_to_none=True)
+                saved = self.save()
+                raise TrainingStopped(
+                    f"Non-finite {what} at step {step_no} ({self.nonfinite_run} step(s) in a row, "
+                    f"monitor.max_nonfinite={self.mon.max_nonfinite}); no bad update was applied. "
+                    f"Last good state saved to {saved}. Lower train.lr or check the data, then resume "
+                    "with train.resume=auto."
+                )
+            self._advance_without_update()
+            self.skipped += 1
+            return {"step": step_no, "skipped": True, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+        self.nonfinite_run = 0
+        if self.mon.guard != "off":
+            band = self.guard.band()
+            z = self.guard.check(grad_norm)
+            if z is not None:
+                mean, std = band
+                event = {"step": step_no, "event": "grad_spike", "grad_norm": round(grad_norm, 6),
+                         "mean": round(mean, 6), "std": round(std, 6), "z": round(z, 3), "action": self.mon.guard}
+                self._log(event)
+                if self.mon.guard == "stop":
+                    self.optimizer.zero_grad(set_to_none=True)
+                    saved = self.save()
+                    raise TrainingStopped(
+                        f"Gradient-norm guard: step {step_no} had grad norm {grad_norm:.4g}, z = {z:.2f} "
+                        f"above the rolling mean {mean:.4g} (std {std:.4g}, limit {self.mon.guard_sigma} sigma). "
+                        f"The update was not applied; checkpoint saved to {saved}. Resume with "
+                        "train.resume=auto (perhaps with a lower train.lr), or set monitor.guard=skip."
+                    )
+                self._advance_without_update()
+                self.skipped += 1
+                return {"step": step_no, "skipped": True, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+        layers = layer_grad_norms(self.model) if self.mon.layer_grad_norms and self.board else {}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_total / label_tokens, grad_norm, seen
+        return {"step": step_no, "skipped": False, "loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+                "layers": layers}
 
+    # -- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
         resumed = None
         checkpoint = find_checkpoint(self.run_dir, cfg.resume)
         if checkpoint is not None:
             meta = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
-            self.step = int(meta["step"])
-            resumed = str(checkpoint)
             if int(meta.get("total_steps", self.total_steps)) != self.total_steps:
                 raise DeftuneError(
                     f"{checkpoint} was made for a run of {meta['total_steps']} steps, this recipe asks for "
                     f"{self.total_steps}; resume with the same train.max_steps/epochs/batch settings"
                 )
-            print(f"Resumed from {checkpoint} at step {self.step}/{self.total_steps}")
-        elif cfg.resume == "auto":
-            pass
+            self.step = int(meta["step"])
+            self.skipped = int(meta.get("skipped", 0))
+            self.nonfinite_run = int(meta.get("nonfinite_run", 0))
+            self.guard.load_state_dict(meta.get("guard", {}))
+            self.plateau.load_state_dict(meta.get("plateau", {}))
+            self._apply_scale_now()
+            resumed = str(checkpoint)
+            self._say(f"Resumed from {checkpoint} at step {self.step}/{self.total_steps}")
+        self.board = Board(self.run_dir, self.mon.tensorboard and is_main_process())
+        try:
+            return self._loop(resumed)
+        finally:
+            self.board.close()
+
+    def _loop(self, resumed: str | None) -> TrainResult:
+        cfg, ev = self.cfg, self.recipe.eval
         self.model.train()
         bar = None
         if self.progress and is_main_process():
@@ -205,39 +334,45 @@ class Trainer:
         tokens_total = 0
         last_loss = None
         eval_loss = None
+        stopped_early = False
         with self._signals():
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                loss, grad_norm, tokens = self.train_step()
-                if not math.isfinite(loss) or not math.isfinite(grad_norm):
-                    saved = self.save()
-                    raise DeftuneError(
-                        f"Non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "
-                        f"{self.step + 1} (loss={loss}, grad_norm={grad_norm}); the update was not applied. "
-                        f"Last good state saved to {saved}. Lower train.lr or check the data, then resume "
-                        "with train.resume=auto."
-                    )
+                out = self.train_step()
+                self._log_augmentation()
                 dt = time.perf_counter() - t0
-                tokens_total += tokens
-                last_loss = loss
+                tokens_total += out["tokens"]
                 lr = self.scheduler.get_last_lr()[0]
-                if self.step % max(1, cfg.log_every) == 0 or self.step == self.total_steps:
-                    record = {
-                        "step": self.step,
-                        "epoch": round(self.step / self.steps_per_epoch, 4),
-                        "loss": round(loss, 6),
-                        "lr": lr,
-                        "grad_norm": round(grad_norm, 6),
-                        "tokens": tokens,
-                        "tokens_per_s": round(tokens / dt, 2),
-                        "elapsed_s": round(time.perf_counter() - start, 2),
-                    }
-                    self._log(record)
+                if not out["skipped"]:
+                    last_loss = out["loss"]
+                    if self.step % max(1, cfg.log_every) == 0 or self.step == self.total_steps:
+                        record = {
+                            "step": self.step,
+                            "epoch": round(self.step / self.steps_per_epoch, 4),
+                            "loss": round(out["loss"], 6),
+                            "lr": lr,
+                            "grad_norm": round(out["grad_norm"], 6),
+                            "tokens": out["tokens"],
+                            "tokens_per_s": round(out["tokens"] / dt, 2),
+                            "elapsed_s": round(time.perf_counter() - start, 2),
+                            "peak_mem_gib": round(peak_memory_gib(self.device), 3),
+                        }
+                        self._log(record)
+                        self.board.scalars({k: record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s",
+                                                                   "peak_mem_gib")}, self.step, "train")
+                        self.board.scalars({f"layer_{i}": v for i, v in out["layers"].items()}, self.step,
+                                           "grad_norm")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    eval_loss = self.evaluate()
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{out['tokens'] / dt:.0f}")
+                if self.updates is not None and self.step % self.mon.heatmap_every == 0:
+                    self.log_heatmap()
+                if ev.every and self.step % ev.every == 0:
+                    metrics = self.validate(bar)
+                    eval_loss = metrics.get("eval_loss", eval_loss)
+                    if self._after_validation(metrics, bar):
+                        stopped_early = True
+                        break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save()
                 if self._stop_signal is not None:
@@ -252,16 +387,86 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        if self.data.eval:
+        if self.updates is not None and (self.step % self.mon.heatmap_every != 0):
+            self.log_heatmap()  # the final picture feeds the report's "ineffective modules"
+        if self.data.eval and not (ev.every and self.step % ev.every == 0):
             eval_loss = self.evaluate()
         self.save()
         return TrainResult(
             steps=self.step, final_loss=last_loss, eval_loss=eval_loss,
             tokens_per_s=tokens_total / seconds if seconds > 0 else 0.0, seconds=seconds,
-            resumed_from=resumed, history=self.history,
+            resumed_from=resumed, skipped_steps=self.skipped, stopped_early=stopped_early,
+            history=self.history,
         )
 
+    def _log_augmentation(self) -> None:
+        for epoch, (replaced, total) in sorted(self._augment_counts.items()):
+            if epoch not in self._augment_logged:
+                self._augment_logged.add(epoch)
+                self._log({"step": self.step, "epoch": epoch, "event": "augmented", "replaced": replaced,
+                           "total": total})
+                self.board.scalars({"augmented": replaced}, self.step, "data")
+
+    # -- validation ----------------------------------------------------------------------------
     def evaluate(self) -> float:
         loss = evaluate_loss(self.model, self.data.eval, self.cfg.micro_batch, self.pad_id, self.device)
-        self._log({"step": self.step, "eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50)), 4)})
+        record = {"step": self.step, "eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50)), 4)}
+        self._log(record)
+        self.board.scalars(record, self.step, "eval")
         return loss
+
+    def validate(self, bar=None) -> dict:
+        from deftune.eval.validate import validation_metrics
+
+        metrics, _ = validation_metrics(self.model, self.tokenizer, self.data.eval, self.data.eval_samples,
+                                        self.recipe, self.device, self.recipe.eval.samples)
+        self.model.train()
+        if not metrics:
+            return metrics
+        self._log({"step": self.step, **metrics})
+        self.board.scalars(metrics, self.step, "eval")
+        shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, str))
+        self._say(f"step {self.step} validation: {shown}", bar)
+        return metrics
+
+    def _after_validation(self, metrics: dict, bar=None) -> bool:
+        """Feed the plateau controller; return True to stop early."""
+        name = self.recipe.eval.plateau_metric
+        if name not in metrics:
+            return False
+        outcome = self.plateau.update(float(metrics[name]))
+        if outcome["best"]:
+            self._log({"step": self.step, "event": "best", "metric": name, "value": metrics[name]})
+            if self.on_best is not None and is_main_process():
+                self.on_best(self.run_dir / "best")
+        if outcome["reduced"]:
+            self._apply_scale_now()
+            self._log({"step": self.step, "event": "lr_reduced", "metric": name,
+                       "factor": self.recipe.eval.plateau_factor, "lr_scale": self.plateau.scale})
+            self._say(f"step {self.step}: {name} has not improved for {self.plateau.patience} evaluations; "
+                      f"LR x{self.recipe.eval.plateau_factor} (scale now {self.plateau.scale:g})", bar)
+        if outcome["stop"]:
+            self._log({"step": self.step, "event": "early_stop", "metric": name})
+            self._say(f"step {self.step}: early stop, {name} has not improved for "
+                      f"{self.plateau.since_best} evaluations", bar)
+            return True
+        return False
+
+    def log_heatmap(self) -> None:
+        grid = self.updates.measure(self.model)
+        if not grid["layers"]:
+            return
+        self._log({"step": self.step, "event": "update_heatmap", **grid})
+        if not is_main_process():
+            return
+        flat = {f"L{layer}/{m}": v for layer, row in zip(grid["layers"], grid["values"])
+                for m, v in zip(grid["modules"], row) if v is not None}
+        self.board.scalars(flat, self.step, "update")
+        if self.mon.tensorboard or self.mon.report:
+            from deftune.train.report import save_heatmap_png
+
+            path = self.run_dir / "heatmaps" / f"step-{self.step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_heatmap_png(grid["layers"], grid["modules"], grid["values"], path,
+                             f"relative update ||dW||/||W0|| at step {self.step}")
+            self.board.image_png("update_heatmap", path, self.step)

@@ -52,8 +52,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    """Return ``(optimizer, scheduler)``; the scheduler is stepped once per optimizer step."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, scale=lambda: 1.0):
+    """Return ``(optimizer, scheduler)``; the scheduler is stepped once per optimizer step.
+
+    ``scale()`` multiplies the schedule (the plateau controller's LR reduction)."""
     groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         from deftune.errors import DeftuneError
@@ -63,6 +65,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=on_cuda or None)
     warmup = warmup_steps(cfg, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio) * scale()
     )
     return optimizer, scheduler
