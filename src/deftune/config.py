@@ -101,12 +101,69 @@ class AdapterConfig:
     dropout: float = 0.0
     # Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732).
     rslora: bool = False
+    # Dynamic rank: candidate ranks per module, e.g. [8, 16, 32] (empty = every module at adapter.rank).
+    # Modules start at the largest; 0 among the candidates lets a module drop out entirely.
+    ranks: list = field(default_factory=list)
+    # Dynamic rank pruning strength in [0, 1]: 0 keeps every module at the largest candidate, 1 prunes
+    # hardest. (Not LoRA's alpha.)
+    sensitivity: float = 0.5
+    # Dynamic rank: total adapter parameter budget; when > 0 it overrides the sensitivity.
+    param_budget: int = 0
+    # Dynamic rank: fractions of the run [start, end] during which rank-component importance is scored;
+    # ranks are allocated (and adapters shrunk) at the end of the window.
+    rank_window: list = field(default_factory=lambda: [0.05, 0.3])
+    # Dynamic rank: re-allocate every N steps after the first allocation (0 = allocate once).
+    rank_reallocate_every: int = 0
+    # Progressive unfreezing: stages like [{targets: attention, steps: 200}, {targets: attention+mlp}];
+    # each later stage adds its adapters to training (empty = everything from the start).
+    stages: list = field(default_factory=list)
+    # Steps of LR warm-up for the adapters a new stage adds.
+    stage_warmup: int = 10
 
     def __post_init__(self):
         if self.rank < 1:
             raise DeftuneError(f"adapter.rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise DeftuneError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if self.ranks:
+            if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.ranks):
+                raise DeftuneError(f"adapter.ranks must be non-negative integers, got {self.ranks}")
+            if max(self.ranks) < 1:
+                raise DeftuneError("adapter.ranks needs at least one candidate >= 1")
+        if not 0.0 <= self.sensitivity <= 1.0:
+            raise DeftuneError(f"adapter.sensitivity must be in [0, 1], got {self.sensitivity}")
+        if len(self.rank_window) != 2 or not 0 <= self.rank_window[0] < self.rank_window[1] <= 1:
+            raise DeftuneError(f"adapter.rank_window must be [start, end] with 0 <= start < end <= 1, "
+                               f"got {self.rank_window}")
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, dict) or "targets" not in stage:
+                raise DeftuneError(f"adapter.stages[{i}] must be a mapping with 'targets' (and 'steps'), got {stage!r}")
+            unknown = set(stage) - {"targets", "steps", "layers"}
+            if unknown:
+                raise DeftuneError(f"adapter.stages[{i}]: unknown keys {sorted(unknown)}; known: targets, steps, layers")
+            if i < len(self.stages) - 1 and not isinstance(stage.get("steps"), int):
+                raise DeftuneError(f"adapter.stages[{i}] needs an integer 'steps' (every stage but the last)")
+
+
+
+@dataclass
+class MaskConfig:
+    # Gradient mask by name: glob patterns of parameter names allowed to change (empty = no name mask),
+    # e.g. ["*.self_attn.*"]. Everything else stays bitwise unchanged.
+    modules: list = field(default_factory=list)
+    # Gradient mask by layer: layers allowed to change ("all", "top:N", "A-B" or a list).
+    layers: Any = "all"
+    # FISH mask (Sung et al. 2021): keep only this fraction of parameters, the top by accumulated
+    # squared gradients (0 = off).
+    fisher_keep: float = 0.0
+    # Batches over which the Fisher information is accumulated before training.
+    fisher_batches: int = 8
+
+    def __post_init__(self):
+        if not 0.0 <= self.fisher_keep <= 1.0:
+            raise DeftuneError(f"mask.fisher_keep must be in [0, 1], got {self.fisher_keep}")
+        if self.fisher_batches < 1:
+            raise DeftuneError(f"mask.fisher_batches must be >= 1, got {self.fisher_batches}")
 
 
 @dataclass
@@ -253,6 +310,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

@@ -26,7 +26,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def adapter_config(spec: LoraSpec, base_model_name: str) -> dict:
+def adapter_config(spec: LoraSpec, base_model_name: str, modules: dict[str, LoRALinear] | None = None) -> dict:
+    """PEFT's LoraConfig fields. Modules whose rank or alpha differ from the spec's (dynamic rank) go to
+    ``rank_pattern`` / ``alpha_pattern`` under their full path (escaped: PEFT reads keys as regexes)."""
+    modules = modules or {}
+    names = sorted(modules) if modules else sorted(spec.module_names)
+    rank_pattern = {re.escape(n): m.rank for n, m in modules.items() if m.rank != spec.rank}
+    alpha_pattern = {re.escape(n): m.alpha for n, m in modules.items() if m.alpha != spec.alpha}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -37,15 +43,15 @@ def adapter_config(spec: LoraSpec, base_model_name: str) -> dict:
         "use_rslora": spec.rslora,
         # Full module paths: PEFT matches a list entry when a module's name ends with it, so the exact
         # layer selection survives the round trip.
-        "target_modules": sorted(spec.module_names),
+        "target_modules": names,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
         "layers_to_transform": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "use_dora": False,
         "revision": None,
     }
@@ -62,7 +68,8 @@ def save_adapter(model: nn.Module, spec: LoraSpec, folder: str | Path, base_mode
     tmp_weights = folder / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     tmp_config = folder / (CONFIG_NAME + ".tmp")
-    tmp_config.write_text(json.dumps(adapter_config(spec, base_model_name), indent=2), encoding="utf-8")
+    config = adapter_config(spec, base_model_name, lora_modules(model))
+    tmp_config.write_text(json.dumps(config, indent=2), encoding="utf-8")
     os.replace(tmp_weights, folder / WEIGHTS_NAME)
     os.replace(tmp_config, folder / CONFIG_NAME)
     return folder

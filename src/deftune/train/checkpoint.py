@@ -112,6 +112,10 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     """Restore trainable tensors, optimizer, scheduler and RNG; return the JSON metadata."""
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))

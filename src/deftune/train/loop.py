@@ -27,13 +27,38 @@ from torch import nn
 from deftune.config import Recipe
 from deftune.data import PreparedData, batches
 from deftune.errors import DeftuneError
-from deftune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from deftune.train.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from deftune.train.dist import is_main_process
 from deftune.train.loss import count_label_tokens, response_loss_sum
 from deftune.train.monitor import (
     Board, GradNormGuard, PlateauController, UpdateTracker, layer_grad_norms, peak_memory_gib,
 )
 from deftune.train.optim import build_optimizer
+
+
+class Callback:
+    """Hooks for methods that act during training (dynamic rank, gradient masks, progressive unfreezing).
+
+    Order within a step: forward/backward -> ``after_backward`` (gradients present, before clipping) ->
+    clip, guard -> optimizer step -> ``after_optimizer_step`` -> logs -> ``on_step_end``. State returned by
+    ``state_dict`` is checkpointed; ``load_state_dict`` runs on resume *before* the trainable tensors and
+    optimizer are restored, so a callback can first give the model the shapes the checkpoint holds.
+    """
+
+    name = "callback"
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def after_backward(self, trainer: "Trainer") -> None: ...
+
+    def after_optimizer_step(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, trainer: "Trainer") -> None: ...
 
 
 class TrainingInterrupted(DeftuneError):
@@ -87,7 +112,7 @@ def evaluate_loss(model: nn.Module, examples, micro_batch: int, pad_id: int, dev
 class Trainer:
     def __init__(self, recipe: Recipe, model: nn.Module, tokenizer, data: PreparedData, run_dir: Path,
                  device: torch.device, progress: bool = True,
-                 on_best: Callable[[Path], None] | None = None):
+                 on_best: Callable[[Path], None] | None = None, callbacks: list[Callback] = ()):
         self.recipe = recipe
         self.cfg = recipe.train
         self.mon = recipe.monitor
@@ -98,6 +123,8 @@ class Trainer:
         self.device = device
         self.progress = progress
         self.on_best = on_best
+        self.callbacks = list(callbacks)
+        self.param_starts: dict[str, int] = {}
         self.pad_id = tokenizer.pad_token_id
         if not data.train:
             raise DeftuneError("The training split is empty after tokenization")
@@ -117,6 +144,7 @@ class Trainer:
                                          ev.plateau_min_scale, ev.early_stop_patience)
         self.optimizer, self.scheduler = build_optimizer(model, self.cfg, self.total_steps,
                                                          scale=lambda: self.plateau.scale)
+        self.stage_warmup = 0
         self.guard = GradNormGuard(self.mon.guard_sigma, self.mon.guard_window, self.mon.guard_warmup)
         self.updates = UpdateTracker(model) if self.mon.heatmap_every else None
         self.step = 0
@@ -197,7 +225,31 @@ class Trainer:
     def _state(self) -> dict:
         return {"total_steps": self.total_steps, "seed": self.cfg.seed, "skipped": self.skipped,
                 "nonfinite_run": self.nonfinite_run, "guard": self.guard.state_dict(),
-                "plateau": self.plateau.state_dict()}
+                "plateau": self.plateau.state_dict(), "param_starts": self.param_starts,
+                "stage_warmup": self.stage_warmup,
+                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
+
+    def rebuild_optimizer(self, new_params: dict[str, int] | None = None, stage_warmup: int | None = None) -> None:
+        """Rebuild optimizer and schedule from the parameters that now require grad, at the current step.
+
+        AdamW moments carry over for parameters that are the same tensors as before; resized or new ones
+        start fresh. ``new_params`` (name -> start step) get their own warm-up of ``stage_warmup`` steps.
+        """
+        if new_params:
+            self.param_starts.update(new_params)
+        if stage_warmup is not None:
+            self.stage_warmup = stage_warmup
+        old_state = {id(p): st for p, st in self.optimizer.state.items()}
+        shapes = {id(p): p.shape for g in self.optimizer.param_groups for p in g["params"]}
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, self.cfg, self.total_steps, scale=lambda: self.plateau.scale, starts=self.param_starts,
+            stage_warmup=self.stage_warmup, current_step=self.step,
+        )
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = old_state.get(id(p))
+                if st is not None and shapes.get(id(p)) == p.shape:
+                    self.optimizer.state[p] = st
 
     def save(self) -> Path | None:
         if not is_main_process():
@@ -247,6 +299,8 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = float("nan")
         if math.isfinite(loss):
+            for cb in self.callbacks:
+                cb.after_backward(self)
             max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         step_no = self.step + 1
@@ -290,6 +344,8 @@ class Trainer:
                 return {"step": step_no, "skipped": True, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
         layers = layer_grad_norms(self.model) if self.mon.layer_grad_norms and self.board else {}
         self.optimizer.step()
+        for cb in self.callbacks:
+            cb.after_optimizer_step(self)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -301,7 +357,16 @@ class Trainer:
         cfg = self.cfg
         resumed = None
         checkpoint = find_checkpoint(self.run_dir, cfg.resume)
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         if checkpoint is not None:
+            pre = read_meta(checkpoint)
+            for cb in self.callbacks:
+                cb.load_state_dict(pre.get("callbacks", {}).get(cb.name, {}), self)
+            self.param_starts = {k: int(v) for k, v in pre.get("param_starts", {}).items()}
+            self.stage_warmup = int(pre.get("stage_warmup", 0))
+            self.step = int(pre["step"])
+            self.rebuild_optimizer()
             meta = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
             if int(meta.get("total_steps", self.total_steps)) != self.total_steps:
                 raise DeftuneError(
@@ -365,6 +430,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{out['tokens'] / dt:.0f}")
+                for cb in self.callbacks:
+                    cb.on_step_end(self)
                 if self.updates is not None and self.step % self.mon.heatmap_every == 0:
                     self.log_heatmap()
                 if ev.every and self.step % ev.every == 0:
