@@ -41,6 +41,7 @@ class RunSummary:
     examples: list = field(default_factory=list)
     output: str = ""
     skipped_steps: int = 0
+    final_trainable_params: int = 0
     report: str = ""
 
 
@@ -76,13 +77,23 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
     from deftune.models.arch import select_sites
 
     a = recipe.adapter
+    targets, layers = a.targets, a.layers
+    if a.stages:
+        from deftune.train.stages import stage_targets_union
+
+        # Every stage's adapters exist from the start (so they are saved and resumable); the
+        # progressive-unfreezing callback decides which of them train when.
+        targets, layers = stage_targets_union(a.stages, a.layers, model)
     if recipe.method == "lora":
-        spec = attach_lora(model, a.targets, a.layers, a.rank, a.alpha, a.dropout, a.rslora)
+        from deftune.adapters.dynamic_rank import initial_rank
+
+        # Dynamic rank starts every module at the largest candidate and shrinks it during training.
+        spec = attach_lora(model, targets, layers, initial_rank(a), a.alpha, a.dropout, a.rslora)
         model.to(device)
         return spec
     freeze_all(model)
     try:
-        sites = select_sites(model, a.targets, a.layers)
+        sites = select_sites(model, targets, layers)
     except ValueError as exc:
         raise DeftuneError(f"adapter.targets/adapter.layers: {exc}") from exc
     for site in sites:
@@ -91,6 +102,17 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
             param.data = param.data.float()
             param.requires_grad_(True)
     return None
+
+
+def training_callbacks(recipe: Recipe, model: nn.Module) -> list:
+    """The methods that act during training, in hook order: unfreezing decides what is trainable, masks
+    restrict it further, dynamic rank resizes what trains."""
+    from deftune.adapters import dynamic_rank, masks
+    from deftune.train import stages
+
+    found = [stages.from_recipe(recipe, model), masks.from_recipe(recipe, model),
+             dynamic_rank.from_recipe(recipe, model)]
+    return [cb for cb in found if cb is not None]
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -140,6 +162,10 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     spec = prepare_model(recipe, model, device)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers makes the embedding output require grad here, which drags backward through every
+        # layer; non-reentrant checkpointing does not need it, and without it backward stops at the lowest
+        # trainable layer.
+        model.disable_input_require_grads()
         model.config.use_cache = False
     trainable, total = count_params(model)
     print(f"Method {recipe.method}: {trainable:,} trainable of {total:,} parameters "
@@ -156,10 +182,17 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
             model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
-    trainer = Trainer(recipe, model, tokenizer, data, run_dir, device, progress=progress, on_best=save_best)
+    trainer = Trainer(recipe, model, tokenizer, data, run_dir, device, progress=progress, on_best=save_best,
+                      callbacks=training_callbacks(recipe, model))
     if before:
         trainer._log({"step": 0, "phase": "before", **before})
     result = trainer.run()
+    for cb in trainer.callbacks:
+        if cb.name == "dynamic_rank":
+            from deftune.adapters.dynamic_rank import format_ranks
+
+            print("LoRA ranks per module (0 = dropped):\n" + format_ranks(cb.final_ranks()))
+    final_trainable, _ = count_params(model)
 
     if recipe.method == "lora":
         out = save_adapter(model, spec, run_dir / "adapter", source.name)
@@ -177,7 +210,7 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
         run_dir=str(run_dir), method=recipe.method, steps=result.steps, seconds=round(result.seconds, 1),
         tokens_per_s=round(result.tokens_per_s, 1), trainable_params=trainable, total_params=total,
         before=before, after=after, examples=examples[: recipe.eval.show_examples], output=str(out),
-        skipped_steps=result.skipped_steps,
+        skipped_steps=result.skipped_steps, final_trainable_params=final_trainable,
     )
     if is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2), encoding="utf-8")

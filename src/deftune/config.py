@@ -318,6 +318,8 @@ class Recipe:
     def __post_init__(self):
         if self.method not in ("lora", "full"):
             raise DeftuneError(f"method must be lora or full, got {self.method!r}")
+        if self.method == "full" and self.adapter.ranks:
+            raise DeftuneError("adapter.ranks (dynamic rank) applies to method lora, not full")
         if self.device not in ("auto", "cpu", "cuda"):
             raise DeftuneError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

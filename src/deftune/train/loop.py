@@ -260,9 +260,9 @@ class Trainer:
     def _apply_scale_now(self) -> None:
         """Re-evaluate the schedule at its current position so a new plateau scale applies to the very
         next update, not one step later."""
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * factor
+        last = self.scheduler.last_epoch
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(last)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # -- one step ------------------------------------------------------------------------------

@@ -88,5 +88,57 @@ class LoRALinear(nn.Module):
             merged.bias.copy_(base.bias)
         return merged
 
+    @torch.no_grad()
+    def resize(self, rank: int, keep_update: bool = True) -> None:
+        """Change r in place, keeping the scaling s and the best rank-``rank`` part of the update.
+
+        With ``keep_update`` the new factors hold the truncated SVD of B A (``best_rank_factors``), so
+        s B'A' is the best rank-k approximation of s B A (Eckart-Young) and equal to it when k = r; extra
+        components when growing start like a fresh adapter (B columns zero, A rows Kaiming-uniform).
+        Without it the factors are freshly shaped (the caller loads tensors into them next).
+        alpha becomes s * k (s * sqrt(k) with rsLoRA) so alpha/r (PEFT's alpha_pattern) reproduces s.
+        New ``nn.Linear`` objects replace lora_A/lora_B: optimizer state of the old tensors must go.
+        """
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank} (drop the adapter to remove a module)")
+        if rank == self.rank:
+            return
+        a_old, b_old = self.lora_A.weight, self.lora_B.weight
+        factory = dict(device=a_old.device, dtype=a_old.dtype)
+        lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
+        lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_B.weight)
+        if keep_update:
+            b_new, a_new = best_rank_factors(b_old, a_old, rank)
+            kept = b_new.shape[1]
+            lora_B.weight[:, :kept] = b_new
+            lora_A.weight[:kept] = a_new
+        self.lora_A, self.lora_B = lora_A, lora_B
+        self.rank = rank
+        self.alpha = self.scaling * (math.sqrt(rank) if self.rslora else rank)
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.rslora}"
+
+
+@torch.no_grad()
+def best_rank_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B', A') with B' A' the best rank-``rank`` approximation of B A in Frobenius norm.
+
+    Computed in rank space, never forming the d_out x d_in product: B = Q_b R_b, A^T = Q_a R_a (reduced
+    QR), SVD of the small core R_b R_a^T = U S V^T, then
+
+        B' = Q_b U_k sqrt(S_k),   A' = sqrt(S_k) V_k^T Q_a^T,
+
+    splitting the singular values evenly between the factors. For k >= rank(B A) the product is exact.
+    Returns at most min(k, r, d_out, d_in) components (fewer columns than asked when B A is smaller).
+    """
+    q_b, r_b = torch.linalg.qr(b.float())
+    q_a, r_a = torch.linalg.qr(a.float().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, s.shape[0])
+    root = s[:k].sqrt()
+    b_new = (q_b @ u[:, :k]) * root
+    a_new = root[:, None] * (vh[:k] @ q_a.T)
+    return b_new.to(b.dtype), a_new.to(a.dtype)

@@ -58,6 +58,21 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def unwrap_lora(model: nn.Module, name: str) -> nn.Linear:
+    """Put the frozen base linear of LoRALinear ``name`` back in its place, dropping the update (a
+    module with no adapter left, e.g. dynamic rank 0). Returns the base layer."""
+    module = model.get_submodule(name)
+    if not isinstance(module, LoRALinear):
+        raise DeftuneError(f"{name} carries no LoRA adapter")
+    replace_module(model, name, module.base_layer)
+    return module.base_layer
+
+
+def lora_ranks(model: nn.Module) -> dict[str, int]:
+    """Current rank of every LoRA module (dynamic rank changes them during training)."""
+    return {name: m.rank for name, m in lora_modules(model).items()}
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Replace every LoRALinear by a plain nn.Linear holding W0 + s B A. Returns how many merged."""
