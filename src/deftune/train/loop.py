@@ -287,11 +287,19 @@ class Trainer:
             seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         return loss_total / label_tokens, seen
 
-    def _advance_without_update(self) -> None:
+    def _skip(self, step_no: int, loss: float, grad_norm: float, tokens: int) -> dict:
         """Drop this step's gradients but move on (data and schedule), so a bad batch is not retried."""
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.scheduler.step()
+        self.skipped += 1
+        return {"step": step_no, "skipped": True, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _stop_without_update(self, message: str) -> None:
+        """Drop the gradients, checkpoint the (still good) state and stop; ``message`` gets ``{saved}``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        saved = self.save()
+        raise TrainingStopped(message.replace("{saved}", str(saved)))
 
     def train_step(self) -> dict:
         """One optimizer step (or a skipped one). Returns the step's record for the logs."""
@@ -310,17 +318,13 @@ class Trainer:
             stop = self.nonfinite_run >= self.mon.max_nonfinite
             self._log({"step": step_no, "event": "nonfinite", "what": what, "action": "stop" if stop else "skip"})
             if stop:
-                self.optimizer.zero_grad(set_to_none=True)
-                saved = self.save()
-                raise TrainingStopped(
+                self._stop_without_update(
                     f"Non-finite {what} at step {step_no} ({self.nonfinite_run} step(s) in a row, "
                     f"monitor.max_nonfinite={self.mon.max_nonfinite}); no bad update was applied. "
-                    f"Last good state saved to {saved}. Lower train.lr or check the data, then resume "
+                    "Last good state saved to {saved}. Lower train.lr or check the data, then resume "
                     "with train.resume=auto."
                 )
-            self._advance_without_update()
-            self.skipped += 1
-            return {"step": step_no, "skipped": True, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+            return self._skip(step_no, loss, grad_norm, tokens)
         self.nonfinite_run = 0
         if self.mon.guard != "off":
             band = self.guard.band()
@@ -331,17 +335,13 @@ class Trainer:
                          "mean": round(mean, 6), "std": round(std, 6), "z": round(z, 3), "action": self.mon.guard}
                 self._log(event)
                 if self.mon.guard == "stop":
-                    self.optimizer.zero_grad(set_to_none=True)
-                    saved = self.save()
-                    raise TrainingStopped(
+                    self._stop_without_update(
                         f"Gradient-norm guard: step {step_no} had grad norm {grad_norm:.4g}, z = {z:.2f} "
                         f"above the rolling mean {mean:.4g} (std {std:.4g}, limit {self.mon.guard_sigma} sigma). "
-                        f"The update was not applied; checkpoint saved to {saved}. Resume with "
+                        "The update was not applied; checkpoint saved to {saved}. Resume with "
                         "train.resume=auto (perhaps with a lower train.lr), or set monitor.guard=skip."
                     )
-                self._advance_without_update()
-                self.skipped += 1
-                return {"step": step_no, "skipped": True, "loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+                return self._skip(step_no, loss, grad_norm, tokens)
         layers = layer_grad_norms(self.model) if self.mon.layer_grad_norms and self.board else {}
         self.optimizer.step()
         for cb in self.callbacks:
