@@ -38,8 +38,9 @@ def main() -> None:
     AutoTokenizer.from_pretrained(args.shape_dir).save_pretrained(work / "model")
     del model
     recipe = load_recipe(None, [f"model={work / 'model'}", f"output_dir={work / 'run'}", "device=cuda",
-                                f"train.max_steps={args.steps}", "eval.samples=0", "train.save_every=0",
-                                "eval.every=0"])
+                                f"train.max_steps={args.steps}", "eval.samples=48", "eval.final_samples=48",
+                                "eval.metrics=[exact_match]", "train.save_every=0",
+                                "eval.every=0", "monitor.tensorboard=false", "monitor.report=false"])
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     summary = deftune.train(recipe, progress=False)
@@ -60,6 +61,8 @@ def main() -> None:
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "eval_loss_before": summary.before.get("eval_loss"),
         "eval_loss_after": summary.after.get("eval_loss"),
+        "exact_match_before": summary.before.get("exact_match"),
+        "exact_match_after": summary.after.get("exact_match"),
         "first_loss": steps[0]["loss"],
         "last_loss": steps[-1]["loss"],
         "wall_s_including_load_and_eval": round(wall, 1),

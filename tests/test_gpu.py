@@ -31,3 +31,16 @@ def test_base_is_bf16_and_adapters_fp32_on_cuda(tiny_llama_dir):
     layer = next(iter(lora_modules(model).values()))
     assert layer.base_layer.weight.dtype == torch.bfloat16
     assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_A.weight.is_cuda
+
+
+def test_dynamic_rank_and_stages_on_cuda(tiny_llama_dir, copy_task_file, tmp_path):
+    recipe = tiny_recipe(tiny_llama_dir, copy_task_file, tmp_path / "run", device="auto",
+                         adapter={"ranks": [0, 2, 4], "rank_window": [0.1, 0.5], "sensitivity": 0.5,
+                                  "stages": [{"targets": "attention", "steps": 3}, {"targets": "all-linear"}]},
+                         train={"max_steps": 10},
+                         eval={"every": 5, "samples": 2, "max_new_tokens": 4, "metrics": ["exact_match"]})
+    summary = train(recipe, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = {r.get("event") for r in rows}
+    assert {"rank_allocation", "stage"} <= events
+    assert summary.steps == 10 and summary.final_trainable_params < summary.trainable_params
