@@ -201,6 +201,10 @@ def rouge_l(
     """
     _check_pairs(predictions, references)
     rouge_scorer = require("rouge_score.rouge_scorer", "metrics", "ROUGE-L scoring")
+    import logging
+
+    # rouge-score announces "Using default tokenizer." through absl at INFO on every validation.
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
     lang = _resolve_language(language, references)
     if lang == "en":

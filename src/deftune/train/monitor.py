@@ -24,16 +24,22 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 # -- gradient norms -------------------------------------------------------------------------------
 def layer_grad_norms(model: nn.Module) -> dict[int, float]:
-    """L2 norm of the gradients of each decoder layer's trainable parameters."""
-    squares: dict[int, float] = {}
+    """L2 norm of the gradients of each decoder layer's trainable parameters.
+
+    Summed on the device and read back once, so a GPU step pays one synchronisation, not one per tensor.
+    """
+    squares: dict[int, list[torch.Tensor]] = {}
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
         match = _LAYER_RE.search(name)
         if match:
-            layer = int(match.group(1))
-            squares[layer] = squares.get(layer, 0.0) + float(param.grad.detach().float().pow(2).sum())
-    return {layer: math.sqrt(v) for layer, v in sorted(squares.items())}
+            squares.setdefault(int(match.group(1)), []).append(param.grad.detach().float().pow(2).sum())
+    if not squares:
+        return {}
+    layers = sorted(squares)
+    norms = torch.stack([torch.stack(squares[layer]).sum() for layer in layers]).sqrt().tolist()
+    return dict(zip(layers, norms))
 
 
 class GradNormGuard:
