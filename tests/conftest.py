@@ -145,3 +145,29 @@ def tiny_recipe(model_dir, data_file, output_dir, **sections):
         else:
             tree[section] = values
     return recipe_from_dict(tree)
+
+
+def wire_trainer(monkeypatch, *extra):
+    """Make api.train build a Trainer that also runs the test probes ``extra`` (callbacks; a probe's
+    optional ``on_trainer_init(trainer)`` runs once the trainer exists). Setting ``stop_at`` on the returned
+    class sends SIGTERM after that step, as a crash-and-resume test needs."""
+    import signal
+
+    from deftune.train import loop
+
+    class WiredTrainer(loop.Trainer):
+        stop_at = None
+
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[*callbacks, *extra], **kwargs)
+            for cb in extra:
+                getattr(cb, "on_trainer_init", lambda trainer: None)(self)
+
+        def train_step(self):
+            out = super().train_step()
+            if self.step == self.stop_at:
+                self._stop_signal = signal.SIGTERM
+            return out
+
+    monkeypatch.setattr(loop, "Trainer", WiredTrainer)
+    return WiredTrainer

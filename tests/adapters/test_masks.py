@@ -1,13 +1,12 @@
 """Gradient masks: what the mask excludes stays bitwise unchanged (AdamW weight decay included)."""
 
 import json
-import signal
 from fnmatch import fnmatchcase
 
 import pytest
 import torch
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, wire_trainer
 from deftune.adapters import masks
 from deftune.adapters.masks import top_k_mask
 from deftune.api import train
@@ -38,24 +37,7 @@ class Probe(loop.Callback):
 
 
 def wire(monkeypatch, *extra):
-    """Append test probes to the callbacks api.train installs; ``stop_at`` sends SIGTERM after that step."""
-
-    class WiredTrainer(loop.Trainer):
-        stop_at = None
-
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[*callbacks, *extra], **kwargs)
-            for cb in extra:
-                getattr(cb, "on_trainer_init", lambda trainer: None)(self)
-
-        def train_step(self):
-            out = super().train_step()
-            if self.step == self.stop_at:
-                self._stop_signal = signal.SIGTERM
-            return out
-
-    monkeypatch.setattr(loop, "Trainer", WiredTrainer)
-    return WiredTrainer
+    return wire_trainer(monkeypatch, *extra)
 
 
 def run(tmp_path, model_dir, data, monkeypatch, name="run", **sections):

@@ -1,12 +1,11 @@
 """Progressive unfreezing: stage 0 trains only its modules, later stages join with their own warm-up."""
 
 import json
-import signal
 
 import pytest
 import torch
 
-from conftest import tiny_recipe
+from conftest import tiny_recipe, wire_trainer
 from deftune.api import train
 from deftune.errors import DeftuneError
 from deftune.train import loop
@@ -34,22 +33,7 @@ class Probe(loop.Callback):
 
 
 def wire(monkeypatch, *extra):
-    """Append test probes to the callbacks api.train installs; ``stop_at`` sends SIGTERM after that step."""
-
-    class WiredTrainer(loop.Trainer):
-        stop_at = None
-
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[*callbacks, *extra], **kwargs)
-
-        def train_step(self):
-            out = super().train_step()
-            if self.step == self.stop_at:
-                self._stop_signal = signal.SIGTERM
-            return out
-
-    monkeypatch.setattr(loop, "Trainer", WiredTrainer)
-    return WiredTrainer
+    return wire_trainer(monkeypatch, *extra)
 
 
 def _rows(run_dir):

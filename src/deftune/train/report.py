@@ -88,6 +88,13 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 # -- plots ---------------------------------------------------------------------------------------
+def _mark_event_steps(ax, events: list[dict], kind: str, label: str, **style) -> None:
+    """A vertical line at each step where an event of ``kind`` happened (labelled once for the legend)."""
+    steps = [e["step"] for e in events if e.get("event") == kind and "step" in e]
+    for i, step in enumerate(steps):
+        ax.axvline(step, label=label if i == 0 else None, **style)
+
+
 def _new_figure(width: float = 7.0, height: float = 4.0):
     require("matplotlib", "monitor", "Plotting the run report")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -167,10 +174,8 @@ def _plot_lr(train: list[dict], events: list[dict], path: Path) -> Path | None:
     fig = _new_figure()
     ax = fig.add_subplot()
     ax.plot(steps, lr, linewidth=1, label="learning rate")
-    reductions = [e["step"] for e in events if e.get("event") == "lr_reduced" and "step" in e]
-    for i, step in enumerate(reductions):
-        ax.axvline(step, color="tab:red", linestyle="--", linewidth=0.8,
-                   label="LR reduced" if i == 0 else None)
+    _mark_event_steps(ax, events, "lr_reduced", "LR reduced",
+                      color="tab:red", linestyle="--", linewidth=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate")
@@ -227,10 +232,8 @@ def _plot_grad_norm(train: list[dict], events: list[dict], bands: list[dict], pa
         xs = [e["step"] for e in spikes]
         ys = [e["grad_norm"] if _finite(e.get("grad_norm")) else y_of.get(e["step"], math.nan) for e in spikes]
         ax.scatter(xs, ys, marker="x", color="tab:red", s=50, zorder=3, label="flagged spike")
-    nonfinite = [e["step"] for e in events if e.get("event") == "nonfinite" and "step" in e]
-    for i, step in enumerate(nonfinite):
-        ax.axvline(step, color="tab:orange", linestyle=":", linewidth=1,
-                   label="non-finite value" if i == 0 else None)
+    _mark_event_steps(ax, events, "nonfinite", "non-finite value",
+                      color="tab:orange", linestyle=":", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm")
     ax.set_title("Gradient norm")
