@@ -1,0 +1,33 @@
+"""SwiGLU activation (Shazeer 2020, "GLU Variants Improve Transformer", arXiv:2002.05202).
+
+    h = silu(g) * u = g * sigmoid(g) * u
+
+the gated product inside a Llama MLP, ``down(silu(gate(x)) * up(x))``. Backward, with ``s = sigmoid(g)``:
+
+    du = dh * g * s,    dg = dh * u * s * (1 + g * (1 - s))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deftune.kernels import use_triton
+
+__all__ = ["swiglu", "swiglu_reference"]
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch SwiGLU: ``silu(gate) * up``."""
+    return F.silu(gate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` elementwise (same shapes), fused in Triton on CUDA (or under
+    ``TRITON_INTERPRET=1``), else the reference. The backward recomputes ``sigmoid(gate)`` from the saved
+    inputs instead of keeping extra activations."""
+    if use_triton(gate, up):
+        from deftune.kernels._swiglu_triton import swiglu_triton
+
+        return swiglu_triton(gate, up)
+    return swiglu_reference(gate, up)
