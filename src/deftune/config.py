@@ -33,6 +33,9 @@ class ModelConfig:
     attn_implementation: str = "auto"
     # Where dequantized GGUF models are cached as safetensors ("" = ~/.cache/deftune/gguf).
     cache_dir: str = ""
+    # Fast path: fused kernels (RMSNorm, RoPE, SwiGLU, LoRA linear, LM head + cross-entropy) for Llama,
+    # Qwen2/3 and Mistral; Triton on a CUDA GPU, PyTorch reference on CPU.
+    fast: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -194,6 +197,8 @@ class TrainConfig:
     seed: int = 42
     # Recompute activations in backward to save memory.
     gradient_checkpointing: bool = False
+    # Checkpoint each decoder layer and keep its saved input in pinned CPU memory (CUDA GPU only).
+    offload_activations: bool = False
     # Log to the console and metrics.jsonl every N optimizer steps.
     log_every: int = 1
     # Save a checkpoint every N optimizer steps (0 = only at the end).
