@@ -35,6 +35,13 @@ def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     picked = hidden[:, :-1][keep]
+    if getattr(model, "_deftune_fast", False):
+        # model.fast: the head and the loss fused (deftune.kernels.linear_ce), no logits matrix kept.
+        from deftune.kernels.patch import fast_loss_sum
+
+        loss = fast_loss_sum(model, picked, targets[keep])
+        if loss is not None:
+            return loss, int(keep.sum())
     logits = logits_from_hidden(model, picked).float()
     loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     return loss, int(keep.sum())

@@ -69,7 +69,15 @@ class LoRALinear(nn.Module):
         """s * B A, the update to W0, in float32."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    # Set by the fast path (deftune.kernels.patch, model.fast) on modules without dropout: base + update
+    # run as one autograd.Function that saves only x and x A^T (deftune.kernels.lora_linear).
+    fused: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not self.merged:
+            from deftune.kernels.lora_linear import lora_linear
+
+            return lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
         out = self.base_layer(x)
         if self.merged:
             return out
