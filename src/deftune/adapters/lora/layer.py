@@ -87,11 +87,15 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear with W0 + s B A (in the base dtype) and the base bias."""
+        """A plain nn.Linear with W0 + s B A (in the base dtype) and the base bias.
+
+        A quantized base (NF4Linear, QLoRA) merges into its dequantized weight: dequant(W) + s B A.
+        """
         base = self.base_layer
+        w0 = base.dequantize() if hasattr(base, "dequantize") else base.weight
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=base.weight.device, dtype=base.weight.dtype)
-        merged.weight.copy_((base.weight.float() + self.delta_weight()).to(base.weight.dtype))
+                           device=w0.device, dtype=w0.dtype)
+        merged.weight.copy_((w0.float() + self.delta_weight()).to(w0.dtype))
         if base.bias is not None:
             merged.bias.copy_(base.bias)
         return merged
