@@ -71,11 +71,35 @@ def _fresh_run_dir(path: Path, resume: str) -> Path:
     return candidate
 
 
+def _check_offload_device(recipe: Recipe, device: torch.device) -> None:
+    if recipe.train.offload_activations and device.type != "cuda":
+        raise DeftuneError("train.offload_activations needs a CUDA GPU")
+
+
 def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
-    """Attach adapters (lora) or unfreeze the chosen modules (full). Returns the LoraSpec or None."""
+    """Attach adapters (lora) or unfreeze the chosen modules (full), then the fast path (model.fast) and
+    activation offloading (train.offload_activations). Returns the LoraSpec or None."""
+    _check_offload_device(recipe, device)
+    spec = _attach_or_unfreeze(recipe, model, device)
+    if recipe.model.fast:
+        from deftune.kernels.patch import apply_fast_path
+
+        apply_fast_path(model)
+    if recipe.train.offload_activations:
+        from deftune.kernels.offload import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model, device)
+    return spec
+
+
+def _attach_or_unfreeze(recipe: Recipe, model: nn.Module, device: torch.device):
     from deftune.adapters.lora.model import attach_lora, freeze_all
     from deftune.models.arch import select_sites
 
+    if recipe.method in ("esft", "expert-lora"):
+        from deftune.adapters import experts
+
+        return experts.prepare(recipe, model, device)
     a = recipe.adapter
     targets, layers = a.targets, a.layers
     if a.stages:
@@ -136,6 +160,7 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     device = resolve_device(recipe.device)
+    _check_offload_device(recipe, device)  # before loading anything
     run_dir = _fresh_run_dir(Path(recipe.output_dir), recipe.train.resume)
     recipe.output_dir = str(run_dir)
     seed_everything(recipe.train.seed)
@@ -160,7 +185,10 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
 
     seed_everything(recipe.train.seed)
     spec = prepare_model(recipe, model, device)
-    if recipe.train.gradient_checkpointing:
+    # Offloading already checkpoints every decoder layer; transformers' checkpointing on top would
+    # recompute each layer twice.
+    checkpointing = recipe.train.gradient_checkpointing and not recipe.train.offload_activations
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # transformers makes the embedding output require grad here, which drags backward through every
         # layer; non-reentrant checkpointing does not need it, and without it backward stops at the lowest
@@ -178,6 +206,10 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
         # The best adapter (by eval.plateau_metric) is kept apart from the latest.
         if recipe.method == "lora":
             save_adapter(model, spec, folder, source.name)
+        elif recipe.method in ("esft", "expert-lora"):
+            from deftune.adapters.experts import save_result
+
+            save_result(model, spec, folder, source.name)
         else:
             model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
@@ -196,11 +228,16 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
 
     if recipe.method == "lora":
         out = save_adapter(model, spec, run_dir / "adapter", source.name)
+    elif recipe.method in ("esft", "expert-lora"):
+        from deftune.adapters.experts import save_result
+
+        # ESFT: a sparse patch of the changed experts; expert-lora: the expert adapter.
+        out = save_result(model, spec, run_dir / recipe.method, source.name)
     else:
         out = run_dir / "model"
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    if recipe.train.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_disable()
         model.config.use_cache = True
     after, examples = validation_metrics(model, tokenizer, data.eval, data.eval_samples, recipe, device, final_n)
@@ -264,6 +301,15 @@ def load_for_inference(run_or_model: str, device: str = "auto"):
                 raise DeftuneError(f"{run} has no model/ folder: the run did not finish")
             recipe.model.path = str(run / "model")
             model, tokenizer, _ = load_model(recipe.model, dev)
+        elif recipe.method in ("esft", "expert-lora"):
+            from deftune.adapters.experts import load_result
+
+            if not (run / recipe.method).is_dir():
+                raise DeftuneError(f"{run} has no {recipe.method}/ folder: the run did not finish "
+                                   f"(resume it with train.resume=auto output_dir={run})")
+            model, tokenizer, _ = load_model(recipe.model, dev)
+            load_result(model, run / recipe.method)
+            model.to(dev)
         else:
             if not (run / "adapter").is_dir():
                 raise DeftuneError(f"{run} has no adapter/ folder: the run did not finish "
@@ -327,13 +373,18 @@ def generate(run_or_model: str, prompt: str, max_new_tokens: int = 128, temperat
 
 
 def merge(run: str, out: str, device: str = "cpu") -> Path:
-    """Merge a LoRA run into its base weights; save a plain Hugging Face folder at ``out``."""
+    """Merge a LoRA, expert-LoRA or ESFT run into its base weights; save a plain Hugging Face folder at ``out``."""
     from deftune.adapters.lora.model import merge_lora
 
     model, tokenizer, recipe = load_for_inference(run, device)
-    if recipe.method != "lora":
+    if recipe.method == "full":
         raise DeftuneError(f"{run} is a {recipe.method} run: its model/ folder is already a plain model")
-    merged = merge_lora(model)
+    merged = merge_lora(model) if recipe.method != "esft" else 0
+    if recipe.method in ("esft", "expert-lora"):
+        from deftune.adapters.experts import unwrap_experts
+
+        # ESFT's patch was written into the base weights on load; expert-LoRA folds s*B_e A_e in here.
+        merged += unwrap_experts(model, merge=True) + (recipe.method == "esft")
     if merged == 0:
         raise DeftuneError(f"{run}: no LoRA modules to merge")
     out_path = Path(out)

@@ -1,0 +1,112 @@
+"""Activation checkpointing with each layer's input kept in pinned CPU memory (``train.offload_activations``).
+
+Checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174) keeps
+only each decoder layer's input and recomputes the layer in backward, so activation memory is
+O(layers x B x T x H) instead of O(layers x everything a layer saves). Here even those inputs leave the GPU:
+
+    forward:   h_i --(side CUDA stream, non_blocking)--> pinned CPU copy;  GPU h_i freed
+    backward:  pinned copy --(non_blocking)--> GPU, then layer i is recomputed from it
+
+so what stays on the GPU is about one layer's activations. The copy out overlaps the next layers'
+compute (it runs on its own stream); the copy back is queued before the recompute on the compute stream.
+Built on torch's non-reentrant checkpoint: the first forward runs on the real input (so the graph links
+the layer's output to it), the recompute runs on the restored copy, which holds the same values.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deftune.errors import DeftuneError
+from deftune.models.arch import decoder_layers
+
+__all__ = ["OffloadedTensor", "enable_offloaded_checkpointing", "offloaded_checkpoint", "wrap_decoder_layers"]
+
+
+class OffloadedTensor:
+    """A detached copy of ``tensor`` in host memory, restorable to the tensor's device.
+
+    CUDA: pinned host buffer filled on ``stream`` without blocking. CPU tensors (tests) take the same
+    route with a plain synchronous copy, so the checkpoint logic is exercised without a GPU.
+    """
+
+    def __init__(self, tensor: torch.Tensor, stream=None):
+        self.device = tensor.device
+        self.requires_grad = tensor.requires_grad
+        src = tensor.detach()
+        self.event = None
+        if src.is_cuda:
+            stream = stream or torch.cuda.current_stream(src.device)
+            self.host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            # The copy must see the finished value, then run beside the compute stream.
+            stream.wait_stream(torch.cuda.current_stream(src.device))
+            with torch.cuda.stream(stream):
+                self.host.copy_(src, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(stream)
+            # Without this the allocator could hand the block to the next layer before the copy read it.
+            src.record_stream(stream)
+        else:
+            self.host = src.clone()
+
+    def restore(self) -> torch.Tensor:
+        if self.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+            out = self.host.to(self.device, non_blocking=True)
+        else:
+            out = self.host.clone()
+        # Same requires_grad as in forward, so the recompute saves the same tensors (checked by torch).
+        return out.requires_grad_(self.requires_grad)
+
+
+def offloaded_checkpoint(fn, hidden: torch.Tensor, *args, stream=None, **kwargs):
+    """``fn(hidden, *args, **kwargs)`` checkpointed, with ``hidden`` held only as an OffloadedTensor."""
+    box = OffloadedTensor(hidden, stream)
+    live = [hidden]
+
+    def run(_device_marker, *a, **kw):
+        # First forward: the real input (its autograd edge). Recompute in backward: the restored copy.
+        h = live[0] if live[0] is not None else box.restore()
+        return fn(h, *a, **kw)
+
+    # The empty marker only tells checkpoint which device's RNG state to stash; passing `hidden` itself
+    # would keep it alive on the GPU until backward, which is what this module avoids.
+    out = checkpoint(run, hidden.new_empty(0), *args, use_reentrant=False, **kwargs)
+    live[0] = None
+    return out
+
+
+def _offloaded_layer_forward(self, hidden_states, *args, **kwargs):
+    plain = functools.partial(type(self).forward, self)
+    if not (self.training and torch.is_grad_enabled()):
+        return plain(hidden_states, *args, **kwargs)
+    return offloaded_checkpoint(plain, hidden_states, *args, stream=self._deftune_offload_stream, **kwargs)
+
+
+def wrap_decoder_layers(model: nn.Module) -> int:
+    """Make every decoder layer run through :func:`offloaded_checkpoint` in training. Returns the count.
+
+    No device check (CPU runs it with host copies, for tests); training uses
+    :func:`enable_offloaded_checkpointing`.
+    """
+    layers = decoder_layers(model)
+    stream = None
+    for layer in layers:
+        device = next(layer.parameters()).device
+        if device.type == "cuda" and stream is None:
+            stream = torch.cuda.Stream(device)
+        layer._deftune_offload_stream = stream
+        layer.forward = types.MethodType(_offloaded_layer_forward, layer)
+    return len(layers)
+
+
+def enable_offloaded_checkpointing(model: nn.Module, device: torch.device) -> int:
+    """``train.offload_activations``: checkpoint each decoder layer with its input in pinned CPU memory."""
+    if torch.device(device).type != "cuda":
+        raise DeftuneError("train.offload_activations needs a CUDA GPU")
+    return wrap_decoder_layers(model)
