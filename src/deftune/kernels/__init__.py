@@ -34,7 +34,7 @@ def triton_available() -> bool:
 
 def triton_interpreting() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

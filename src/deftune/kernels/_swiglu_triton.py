@@ -1,0 +1,75 @@
+"""Triton SwiGLU kernels and their ``autograd.Function`` (the fast layer of :mod:`.swiglu`).
+
+Kept apart from :mod:`.swiglu` so triton is imported (and ``TRITON_INTERPRET`` read) only on first use.
+
+forward   h = g * s * u,  s = sigmoid(g)
+backward  dg = dh * u * s * (1 + g * (1 - s)),   du = dh * g * s
+Only g and u are saved; s is recomputed in the backward (one exp per element is cheaper than a tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp of -|x| never overflows; mirror it for x < 0.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _swiglu_fwd(G, U, H, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + offs, (g * _sigmoid(g) * u).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _sigmoid(g)
+    tl.store(DG + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, (dh * g * s).to(DU.dtype.element_ty), mask=mask)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Fused ``silu(gate) * up``: the silu output is never stored; backward recomputes it."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if gate.shape != up.shape:
+            raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
+        gate, up = gate.contiguous(), up.contiguous()
+        h = torch.empty(gate.shape, dtype=torch.result_type(gate, up), device=gate.device)
+        n = gate.numel()
+        if n:
+            _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK)
+        ctx.save_for_backward(gate, up)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dh = dh.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        if n:
+            _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dg, du, n, BLOCK=_BLOCK)
+        return dg, du
+
+
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Triton ``silu(gate) * up`` (see :func:`deftune.kernels.swiglu.swiglu`)."""
+    return SwiGLUFunction.apply(gate, up)
