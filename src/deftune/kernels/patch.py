@@ -17,6 +17,7 @@ Gemma (GeGLU MLP, ``(1 + w)`` RMSNorm, logit soft-capping) and other families ar
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -70,6 +71,13 @@ def _sliding_window_kwargs(module: nn.Module) -> dict:
     return {}
 
 
+@functools.lru_cache(maxsize=None)
+def _named_parameters(cls: type) -> frozenset[str]:
+    params = inspect.signature(cls.forward).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(n for n, p in params.items() if p.kind in kinds) - {"self", "hidden_states"}
+
+
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     """transformers' Llama/Qwen2/Qwen3/Mistral attention forward with RoPE from ``rope_qk``.
 
@@ -79,8 +87,10 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_embeddings is None or args:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    kwargs.pop("cache", None)
-    kwargs.pop("past_key_values", None)
+    # Arguments the model's forward names itself (the cache, and cache_position in older transformers)
+    # are consumed there, not handed to the attention function: drop them the same way.
+    for name in _named_parameters(type(self)):
+        kwargs.pop(name, None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query_states = self.q_proj(hidden_states).view(hidden_shape)
