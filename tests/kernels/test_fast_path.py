@@ -159,6 +159,22 @@ def test_fast_path_generation_matches_plain():
     assert torch.equal(fast.generate(prompt, **kw), plain.generate(prompt, **kw))
 
 
+def test_attention_with_an_unknown_forward_keeps_its_own_rope():
+    """A transformers version whose attention forward looks different is not patched, and says so."""
+    model = _lora_model("llama")
+    attention = model.model.layers[1].self_attn
+    cls = type(attention)
+    attention.__class__ = type("OddAttention", (cls,), {"forward": lambda self, hidden_states, mask: None})
+    keys = set(model.state_dict())
+    lines = []
+    counts = apply_fast_path(model, log=lines.append)
+    assert counts["rope"] == 1 and counts["rms_norm"] == 5
+    assert "forward" not in attention.__dict__
+    assert any(line.startswith("fast path: model.layers.1.self_attn: rope not patched (forward(") and
+               line.endswith("is not the expected one); transformers' own RoPE") for line in lines), lines
+    assert set(model.state_dict()) == keys  # patching never renames parameters
+
+
 def test_lora_dropout_modules_stay_on_the_plain_layer():
     lines = []
     model = _lora_model("llama", dropout=0.1)
