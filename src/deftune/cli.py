@@ -4,6 +4,7 @@
     deftune eval RUN_OR_MODEL --data FILE [--json] [key=value ...]
     deftune generate RUN_OR_MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
     deftune merge RUN --out DIR
+    deftune experts MODEL --data DOMAIN.jsonl [--top-p 0.2] [--score token|gate] [--out experts.json]
     deftune report RUN                               (rebuild report.md + plots from metrics.jsonl)
     deftune keys                                     (every recipe key with its meaning)
 """
@@ -55,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a LoRA run into its base model (plain Hugging Face folder)")
     p.add_argument("run")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("experts", help="score a MoE model's experts on domain data (ESFT) and select them")
+    p.add_argument("model", help="model folder, .gguf file or hub id")
+    p.add_argument("--data", required=True, help="the domain's data file")
+    p.add_argument("--top-p", type=float, default=0.2, help="per layer, keep experts until their scores reach p")
+    p.add_argument("--score", default="token", choices=["token", "gate"],
+                   help="token selection ratio (default) or average gate score")
+    p.add_argument("--out", default="", help="write the selection JSON here (and a .png heatmap beside it)")
+    p.add_argument("--heatmap", default="", help="heatmap PNG path (default: --out with .png)")
+    p.add_argument("--max-records", type=int, default=0, help="score only the first N records")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
     p = sub.add_parser("report", help="rebuild report.md and plots of a run from its metrics.jsonl")
     p.add_argument("run")
     sub.add_parser("keys", help="list every recipe key with its meaning")
@@ -72,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     # positional matching does not allow: collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if "=" not in x or x.startswith("-")]
-    if stray or (extra and args.verb not in ("eval", "train")):
+    if stray or (extra and args.verb not in ("eval", "train", "experts")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if args.verb == "eval":
         args.overrides = list(args.overrides) + extra
     elif args.verb == "train":
         args.args = list(args.args) + extra
+    elif args.verb == "experts":
+        args.overrides = extra
     try:
         return _dispatch(args)
     except DeftuneError as exc:
@@ -110,6 +124,18 @@ def _dispatch(args) -> int:
     elif args.verb == "merge":
         out = api.merge(args.run, args.out)
         print(f"Merged model saved to {out}")
+    elif args.verb == "experts":
+        from deftune.adapters.experts import score_domain
+
+        result = score_domain(args.model, args.data, args.top_p, args.score, args.out, args.heatmap, args.device,
+                              args.max_records, args.batch_size, args.overrides)
+        print(result["table"])
+        print(f"Selected {result['selected']} of {result['experts']} routed experts "
+              f"({result['score']} score, top-p {result['top_p']}, {result['records']} records, "
+              f"{result['tokens']} tokens)")
+        for key in ("out", "heatmap", "heatmap_note"):
+            if key in result:
+                print(f"{key}: {result[key]}")
     elif args.verb == "report":
         from deftune.train.report import build_report
 
