@@ -140,8 +140,11 @@ def training_callbacks(recipe: Recipe, model: nn.Module) -> list:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)``; total includes weights held as 4-bit codes (QLoRA), which are buffers."""
+    from deftune.models.quantize import quantized_weight_count
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + quantized_weight_count(model)
     return trainable, total
 
 
@@ -170,7 +173,7 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     pad_note = ensure_pad_token(tokenizer)
     if pad_note:
         print(pad_note)
-    print(f"Model {source.name} ({type(model).__name__}, {sum(p.numel() for p in model.parameters())/1e6:.1f}M "
+    print(f"Model {source.name} ({type(model).__name__}, {count_params(model)[1]/1e6:.1f}M "
           f"params) on {device} in {time.perf_counter() - t0:.1f}s")
     data = prepare_data(recipe.data, tokenizer)
     for split, stats in data.stats.items():
@@ -373,7 +376,17 @@ def generate(run_or_model: str, prompt: str, max_new_tokens: int = 128, temperat
 
 
 def merge(run: str, out: str, device: str = "cpu") -> Path:
-    """Merge a LoRA, expert-LoRA or ESFT run into its base weights; save a plain Hugging Face folder at ``out``."""
+    """Merge a LoRA, expert-LoRA or ESFT run into its base weights; save a plain Hugging Face folder at ``out``.
+
+    A QLoRA run (``model.quantize=nf4``, Dettmers et al. 2023, arXiv:2305.14314) merges into the
+    dequantized base: each 4-bit linear becomes a full-precision nn.Linear (model.dtype) holding
+
+        W_merged = dequant(W) + s B A        (dequant(W) alone where no adapter sits)
+
+    so the merged model computes what was trained, the adapters having learned around the quantization
+    error. The folder is an ordinary full-precision checkpoint that loads normally (model.quantize=none);
+    as is usual with QLoRA, the merge is shipped in 16/32 bits, not 4.
+    """
     from deftune.adapters.lora.model import merge_lora
 
     model, tokenizer, recipe = load_for_inference(run, device)
@@ -387,6 +400,9 @@ def merge(run: str, out: str, device: str = "cpu") -> Path:
         merged += unwrap_experts(model, merge=True) + (recipe.method == "esft")
     if merged == 0:
         raise DeftuneError(f"{run}: no LoRA modules to merge")
+    from deftune.models.quantize import dequantize_model
+
+    dequantize_model(model)  # 4-bit layers without an adapter: plain dequant(W), so nothing 4-bit is saved
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_path, safe_serialization=True)

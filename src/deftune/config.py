@@ -36,10 +36,15 @@ class ModelConfig:
     # Fast path: fused kernels (RMSNorm, RoPE, SwiGLU, LoRA linear, LM head + cross-entropy) for Llama,
     # Qwen2/3 and Mistral; Triton on a CUDA GPU, PyTorch reference on CPU.
     fast: bool = False
+    # Base weights in 4 bits for LoRA (QLoRA): "nf4" stores the decoder layers' attention/MLP linears as
+    # NormalFloat4 with double-quantized scales (~0.52 bytes per weight); "none" keeps model.dtype.
+    quantize: str = "none"
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise DeftuneError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in ("none", "nf4"):
+            raise DeftuneError(f"model.quantize must be none or nf4, got {self.quantize!r}")
 
 
 @dataclass
@@ -325,6 +330,11 @@ class Recipe:
             raise DeftuneError(f"method must be lora or full, got {self.method!r}")
         if self.method == "full" and self.adapter.ranks:
             raise DeftuneError("adapter.ranks (dynamic rank) applies to method lora, not full")
+        if self.model.quantize != "none" and self.method not in ("lora", "expert-lora"):
+            # A 4-bit weight has no gradient to follow: quantized bases are frozen (QLoRA trains adapters).
+            raise DeftuneError(f"model.quantize={self.model.quantize} freezes the base weights in 4 bits; "
+                               f"method {self.method} updates them. Use method lora (QLoRA) or "
+                               "model.quantize=none")
         if self.device not in ("auto", "cpu", "cuda"):
             raise DeftuneError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

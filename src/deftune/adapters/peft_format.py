@@ -19,6 +19,7 @@ from torch import nn
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.adapters.lora.model import LoraSpec, lora_modules, lora_state_dict
 from deftune.errors import DeftuneError
+from deftune.models.quantize import NF4Linear
 from deftune.models.patch import replace_module
 
 PEFT_PREFIX = "base_model.model."
@@ -111,7 +112,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSpec:
             raise DeftuneError(f"Adapter module {name} does not exist in this model (wrong base model?)")
         if name in existing:
             raise DeftuneError(f"{name} already carries a LoRA adapter")
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, (nn.Linear, NF4Linear)):  # NF4Linear: a QLoRA base (model.quantize)
             raise DeftuneError(f"Adapter module {name} is a {type(base).__name__}, not a linear layer")
         r = a.shape[0]
         leaf_alpha = _pattern_value(alpha_pattern, name, alpha)

@@ -79,10 +79,13 @@ def classify(name: str) -> tuple[int, str] | None:
 
 
 def linear_sites(model: nn.Module) -> list[LinearSite]:
-    """Every nn.Linear inside a decoder layer, with its role (LoRA-wrapped ones by their base name)."""
+    """Every nn.Linear inside a decoder layer, with its role (LoRA-wrapped ones by their base name).
+    A 4-bit NF4Linear (QLoRA base, model.quantize=nf4) counts as a linear layer too."""
+    from deftune.models.quantize import NF4Linear  # here: quantize.py imports this module
+
     sites = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name.endswith((".lora_A", ".lora_B")):
+        if not isinstance(module, (nn.Linear, NF4Linear)) or name.endswith((".lora_A", ".lora_B")):
             continue
         if name.endswith(".base_layer"):
             name = name[: -len(".base_layer")]

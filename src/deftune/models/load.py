@@ -134,7 +134,8 @@ def load_tokenizer(location: str, trust_remote_code: bool = False, local_files_o
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
-    """Return ``(model, tokenizer, source)`` with the model on ``device`` in the configured dtype."""
+    """Return ``(model, tokenizer, source)`` with the model on ``device`` in the configured dtype; with
+    ``model.quantize=nf4`` the decoder layers' linears are then 4-bit NF4Linear (computing in that dtype)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
@@ -171,4 +172,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
             ) from exc
         raise
     model.to(device)
+    if cfg.quantize == "nf4":
+        from deftune.models.quantize import quantize_model
+
+        # On the target device (a GPU quantizes a large model in seconds), before any adapter attaches,
+        # so LoRALinear wraps the NF4Linear. Logs the module count and weight bytes before/after.
+        quantize_model(model)
     return model, tokenizer, source

@@ -148,7 +148,10 @@ class UpdateTracker:
         self.initial: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
             if isinstance(module, LoRALinear):
-                self.base_norms[name] = float(module.base_layer.weight.detach().float().norm())
+                base = module.base_layer
+                # A 4-bit base (QLoRA) has no dense weight to read: ||dequant(W)||_F.
+                w0 = base.dequantize() if hasattr(base, "dequantize") else base.weight
+                self.base_norms[name] = float(w0.detach().float().norm())
         if not self.base_norms:
             for name, param in model.named_parameters():
                 if param.requires_grad and param.ndim >= 2 and _LAYER_RE.search(name):

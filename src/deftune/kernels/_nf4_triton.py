@@ -1,0 +1,60 @@
+"""Triton kernel for NF4 dequantization (see :mod:`deftune.kernels.nf4` for the format).
+
+One program reads ``BLOCK`` packed bytes, splits each into its two nibbles, looks both up in the 16-entry
+code book (an L1-resident gather), multiplies by the block's absmax and writes the pair of outputs
+interleaved, so every byte of codes is read once and every output written once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deftune.kernels.nf4 import BLOCK_SIZE, nf4_code_book
+
+_BYTES_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_book_ptr, out_ptr, numel,
+                           BLOCK: tl.constexpr, QBLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    first = 2 * byte  # index of the element in the byte's high nibble
+    in_range = first < numel
+    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
+    high = tl.load(code_book_ptr + (packed >> 4))
+    low = tl.load(code_book_ptr + (packed & 0xF))
+    # QBLOCK is even, so both elements of a byte share one absmax.
+    scale = tl.load(absmax_ptr + first // QBLOCK, mask=in_range, other=0.0)
+    values = tl.interleave(high * scale, low * scale)
+    offsets = tl.interleave(first, first + 1)
+    mask = offsets < numel
+    if OUT_BF16:
+        # float32 -> bfloat16 by hand, round to nearest even on the bit pattern: the interpreter's own
+        # cast truncates, and the tests compare this kernel with the reference bit for bit. (Finite
+        # values only; NF4 * absmax is always finite.)
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(out_ptr + offsets, (bits >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Flat ``NF4[q_i] * absmax[i // 64]`` of ``dtype`` (float32, float16 or bfloat16) from the kernel."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if numel == 0:
+        return out
+    n_bytes = (numel + 1) // 2
+    grid = (triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)
+    is_bf16 = dtype == torch.bfloat16
+    _nf4_dequantize_kernel[grid](
+        packed.contiguous(), absmax.float().contiguous(), nf4_code_book(packed.device),
+        out.view(torch.int16) if is_bf16 else out, numel,
+        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, OUT_BF16=is_bf16,
+    )
+    return out
