@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 IGNORE_INDEX = -100
+_IGNORE_INDEX = tl.constexpr(IGNORE_INDEX)  # compiled kernels may read only constexpr globals
 _CHUNK_BYTES = 256 * 2**20  # default budget for one chunk's logits: small next to an 8B model's weights
 
 
@@ -36,7 +37,7 @@ def _cross_entropy_rows(
     row = tl.program_id(0).to(tl.int64)
     z_row = LOGITS + row * stride_row
     target = tl.load(TARGETS + row)
-    valid = target != IGNORE_INDEX
+    valid = target != _IGNORE_INDEX
     safe_target = tl.where(valid, target, 0)  # ignored rows still run, on a harmless index
 
     # Pass 1: online max and sum of exp over the vocabulary, one block at a time, in float32.
