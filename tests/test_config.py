@@ -42,7 +42,7 @@ def test_wrong_type_names_key_and_type():
 
 
 def test_invalid_values_are_refused():
-    with pytest.raises(DeftuneError, match="method must be lora or full"):
+    with pytest.raises(DeftuneError, match="method must be one of lora, full, esft, expert-lora"):
         recipe_from_dict({"method": "dora"})
     with pytest.raises(DeftuneError, match="train.schedule"):
         recipe_from_dict({"train": {"schedule": "step"}})

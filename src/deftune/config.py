@@ -309,9 +309,37 @@ class MonitorConfig:
             raise DeftuneError(f"monitor.max_nonfinite must be >= 1, got {self.max_nonfinite}")
 
 
+METHODS = ("lora", "full", "esft", "expert-lora")
+
+
+@dataclass
+class ExpertsConfig:
+    # Named expert selections per domain, as the seed writes them: {cardiology: [0, 1, 5]} (every MoE
+    # layer) or {cardiology: {1: [0, 1], 2: [5]}} (per layer).
+    domains: dict = field(default_factory=dict)
+    # What methods esft / expert-lora tune: a domain of `experts.domains`, or a selection file written
+    # by `deftune experts` (.json).
+    select: str = ""
+    # Also train, joined by '+': attention, shared (shared experts). LoRA on them with expert-lora (rank
+    # and alpha from adapter.*), full update with esft. adapter.targets/layers do not apply to the
+    # expert methods.
+    also: str = ""
+    # esft: train the routers too (frozen by default, as in the ESFT paper).
+    train_router: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.domains, dict):
+            raise DeftuneError(f"experts.domains must map a domain name to expert ids, got {self.domains!r}")
+        parts = [p.strip() for p in self.also.split("+") if p.strip()]
+        bad = [p for p in parts if p not in ("attention", "shared")]
+        if bad:
+            raise DeftuneError(f"experts.also: unknown part {', '.join(bad)}; use attention and/or shared")
+
+
 @dataclass
 class Recipe:
-    # Training method: lora (adapters, base frozen) or full (update the chosen modules' weights).
+    # Training method: lora (adapters, base frozen), full (update the chosen modules' weights), esft
+    # (full update of the selected MoE experts only) or expert-lora (LoRA on the selected experts only).
     method: str = "lora"
     # Run folder: checkpoints, metrics.jsonl, the resolved recipe, the adapter.
     output_dir: str = "runs/run"
@@ -324,10 +352,17 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
     def __post_init__(self):
-        if self.method not in ("lora", "full"):
-            raise DeftuneError(f"method must be lora or full, got {self.method!r}")
+        if self.method not in METHODS:
+            raise DeftuneError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method in ("esft", "expert-lora"):
+            a = self.adapter
+            if a.ranks or a.stages:
+                raise DeftuneError(f"adapter.ranks / adapter.stages do not apply to method {self.method}")
+            if self.experts.train_router and self.method != "esft":
+                raise DeftuneError("experts.train_router applies to method esft (LoRA does not wrap routers)")
         if self.method == "full" and self.adapter.ranks:
             raise DeftuneError("adapter.ranks (dynamic rank) applies to method lora, not full")
         if self.model.quantize != "none" and self.method not in ("lora", "expert-lora"):
@@ -396,6 +431,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return ""
         raise DeftuneError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise DeftuneError(f"{key}: expected a mapping, got {value!r}")
+        return value
     if tp is list or origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -454,7 +495,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     # Paths and templates stay strings even when YAML would read them as numbers or dates.
-    if key in ("model.path", "data.train", "data.eval", "output_dir", "data.template", "data.system_prompt"):
+    if key in ("model.path", "data.train", "data.eval", "output_dir", "data.template", "data.system_prompt",
+               "experts.select"):
         value = raw
     return key, value
 
