@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 # pytest imports every conftest.py outside a package as the module "conftest", so after this file loads,
 # `from conftest import tiny_recipe` in test files collected later (meaning tests/conftest.py) lands
 # here; forward such names to a private copy of the root conftest rather than break those imports.
-_root_spec = importlib.util.spec_from_file_location("_root_conftest", Path(__file__).parents[1] / "conftest.py")
+_root_spec = importlib.util.spec_from_file_location("_root_conftest",
+                                                    Path(__file__).parents[1] / "conftest.py")
 _root_conftest = importlib.util.module_from_spec(_root_spec)
 _root_spec.loader.exec_module(_root_conftest)
 

@@ -84,7 +84,8 @@ def test_code_book_values_come_back_exactly():
     q = quantize_nf4(w)
     assert torch.equal(unpack_nibbles(q["packed_codes"]).view(n_blocks, BLOCK_SIZE), idx.to(torch.uint8))
     absmax = dequantize_absmax(q["absmax_codes"], q["absmax_scale"], q["absmax_mean"])
-    assert torch.equal(dequantize_nf4_reference(q["packed_codes"], absmax, w.numel(), torch.float32), w.reshape(-1))
+    back = dequantize_nf4_reference(q["packed_codes"], absmax, w.numel(), torch.float32)
+    assert torch.equal(back, w.reshape(-1))
 
 
 def test_double_quantized_absmax_is_within_half_a_step():
@@ -113,7 +114,8 @@ def test_triton_dequantize_equals_the_reference_exactly(dtype, numel):
 
     torch.manual_seed(0)
     n_blocks = -(-numel // BLOCK_SIZE)
-    packed = torch.randint(0, 256, (n_blocks * BLOCK_SIZE // 2,), dtype=torch.int32).to(torch.uint8).to(DEVICE)
+    packed = torch.randint(0, 256, (n_blocks * BLOCK_SIZE // 2,), dtype=torch.int32)
+    packed = packed.to(torch.uint8).to(DEVICE)
     absmax = (torch.rand(n_blocks) * 3).to(DEVICE)
     assert use_triton(packed, absmax), "must test the kernel, not the reference against itself"
     expected = dequantize_nf4_reference(packed, absmax, numel, dtype)
@@ -250,6 +252,29 @@ def test_lora_over_nf4_trains_and_leaves_the_codes_alone(tiny_llama_dir, tmp_pat
 
             replace_module(model, name, module.merged_linear())
         torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_lora_path_runs_over_an_nf4_base(tiny_llama_dir):
+    """The fast path's fused LoRA Function (model.fast) takes W0 from dequantize(): same loss and
+    adapter gradients as the plain LoRALinear path over the same NF4 base."""
+    model, _, _ = load_model(ModelConfig(path=str(tiny_llama_dir), quantize="nf4"))
+    attach_lora(model, "all-linear", "all", rank=4, alpha=8)
+    torch.manual_seed(0)
+    for module in lora_modules(model).values():
+        nn.init.normal_(module.lora_B.weight, std=0.1)
+    ids = torch.randint(5, 300, (2, 12))
+    results = []
+    for fused in (False, True):
+        for module in lora_modules(model).values():
+            module.fused = fused
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
 
 
 def test_qlora_run_end_to_end_then_merge(tmp_path):

@@ -66,7 +66,8 @@ def dequantize_nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, numel: 
     return (nf4_code_book(packed.device)[codes] * scale).to(dtype)
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, numel: int,
+                   dtype: torch.dtype) -> torch.Tensor:
     """Flat dequantized weight ``NF4[q_i] * absmax[i // 64]`` (``numel`` elements of ``dtype``).
 
     Triton on CUDA or under ``TRITON_INTERPRET=1``; the PyTorch reference otherwise. Equal bit for bit.
