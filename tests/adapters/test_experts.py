@@ -293,3 +293,32 @@ def test_recipe_keys_are_checked():
         recipe_from_dict({"method": "esfft"})
     r = recipe_from_dict({"method": "esft", "experts": {"domains": "{cardiology: [0, 1, 5]}"}})
     assert r.experts.domains == {"cardiology": [0, 1, 5]}
+
+
+def test_fast_path_on_a_moe_model_fuses_norms_lora_and_head_and_keeps_the_loss(ds_dir):
+    from deftune.models.load import load_model
+    from deftune.train.loss import response_loss_sum
+
+    ids = torch.randint(3, 300, (2, 11))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    losses, logs = [], []
+    for fast in (False, True):
+        recipe = _recipe(ds_dir, "demo", "unused", "expert-lora", model={"path": str(ds_dir), "fast": fast},
+                         experts={"domains": {"d": [1, 2]}, "select": "d", "also": "attention"})
+        model, _, _ = load_model(recipe.model, torch.device("cpu"))
+        torch.manual_seed(0)
+        X.prepare(recipe, model, torch.device("cpu"))
+        if fast:
+            from deftune.kernels.patch import apply_fast_path
+
+            counts = apply_fast_path(model, log=logs.append)
+        loss, _ = response_loss_sum(model, batch)
+        loss.backward()
+        losses.append((loss.item(), model.model.layers[1].mlp.experts.lora_gate_up_A.grad.clone()))
+    # 3 layers: 2 norms each + final norm + MLA's q_a / kv_a norms (2 per layer); MLA has 5 projections
+    # (q_a, q_b, kv_a_with_mqa, kv_b, o).
+    assert counts == {"rms_norm": 3 * 2 + 1 + 3 * 2, "rope": 0, "swiglu": 0, "lora_linear": 3 * 5,
+                      "linear_cross_entropy": 1}
+    assert "MoE" in logs[0] and "attention and RoPE stay" in logs[0]
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
+    torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-4, atol=1e-6)

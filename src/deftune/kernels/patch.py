@@ -154,6 +154,8 @@ def apply_fast_path(model: nn.Module, log: Callable[[str], None] = print) -> dic
     Call after adapters are attached (LoRA modules present then are the ones fused).
     """
     model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type in MOE_TYPES:
+        return _apply_moe_fast_path(model, model_type, log)
     if model_type not in SUPPORTED:
         log(f"fast path: {model_type} is not supported yet (Gemma needs GeGLU, (1+w) RMSNorm and "
             f"soft-capping); training on the plain path")
@@ -226,3 +228,34 @@ def fast_loss_sum(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None) or None
     return linear_cross_entropy(hidden, head.weight, targets, reduction="sum", softcap=softcap)
+
+
+# MoE families: their norms, LoRA projections and LM head are the same as Llama's, so those kernels apply;
+# their attention (DeepSeek's MLA with its own RoPE layout) and routed experts are not patched here — the
+# experts run as grouped GEMMs in deftune.adapters.experts when expert methods wrap them.
+MOE_TYPES = frozenset({"deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"})
+
+
+def _apply_moe_fast_path(model: nn.Module, model_type: str, log: Callable[[str], None]) -> dict[str, int]:
+    if is_fast(model):
+        return dict(model._deftune_fast_counts)
+    found = pieces(model)
+    counts = {"rms_norm": 0, "rope": 0, "swiglu": 0, "lora_linear": 0, "linear_cross_entropy": 0}
+    for _name, norm in found.norms:
+        if isinstance(getattr(norm, "weight", None), torch.Tensor) and hasattr(norm, "variance_epsilon"):
+            _bind(norm, _rms_norm_forward)
+            counts["rms_norm"] += 1
+    for _name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and isinstance(module.dropout, nn.Identity) and not any(
+                p.requires_grad for p in module.base_layer.parameters()):
+            module.fused = True
+            counts["lora_linear"] += 1
+    head = found.lm_head
+    if isinstance(head, nn.Linear) and head.bias is None:
+        counts["linear_cross_entropy"] = 1
+    model._deftune_fast = True
+    model._deftune_fast_counts = dict(counts)
+    log(f"fast path ({model_type}, MoE): rms_norm {counts['rms_norm']} modules, lora_linear "
+        f"{counts['lora_linear']} projections, linear_cross_entropy {counts['linear_cross_entropy']} head; "
+        "attention and RoPE stay on transformers' code")
+    return counts
