@@ -1,0 +1,203 @@
+"""Shared pieces of the GPU benchmarks (gpu_peers.py, long_context.py and their per-framework runners).
+
+    python bench/_bench_common.py make --shape llama-1b --dir /tmp/m1b   # random-init model + tokenizer
+    python bench/_bench_common.py ceiling                                # bf16 matmul ceiling of this card
+
+Each runner prints exactly one result line ``BENCH_JSON {...}`` on stdout; the driver reads that line
+and ignores everything else a framework prints.
+
+Useful FLOPs per token (the MFU numerator; the same formula for every framework, from the shape only,
+so 4-bit packing and LoRA wrappers do not change it):
+
+    P      = parameters that enter a matmul: per layer q, k, v, o, gate, up, down, plus the LM head
+             (vocab x d; counted once even when tied to the embedding, whose lookup is not a matmul).
+             LoRA's own matmuls (r=16, ~0.5% of P) are left out.
+    fwd    = 2 P + attention, attention = 2 L seq d_attn  (QK^T and PV: 2 matmuls x 2 flops x seq x d_attn,
+             halved for the causal mask; d_attn = heads x head_dim)
+    bwd    = activation gradients only (the base weights are frozen, no weight gradient, no recompute):
+             2 P for the linears (dX = dY W), 2 x attention for the attention core (dQ, dK, dV and dP are
+             all activation gradients: 4 matmuls against the forward's 2)
+    useful = fwd + bwd = 4 P + 3 attention
+    MFU    = useful x tokens/s / ceiling, ceiling = best bf16 8192^3 matmul rate measured on the card.
+
+``mfu_2x_fwd`` (useful = 2 fwd = 4 P + 2 attention, counting the attention backward like a linear's) is
+reported beside it; on these shapes at seq 2048 the two differ by under 4%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+MARK = "BENCH_JSON "
+
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                     rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                     rope_theta=500000.0, max_position_embeddings=8192),
+    # CPU smoke tests only.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+                 rope_theta=10000.0, max_position_embeddings=8192),
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def emit(record: dict) -> None:
+    print(MARK + json.dumps(record), flush=True)
+
+
+def parse_result(stdout: str) -> dict | None:
+    """The last ``BENCH_JSON`` line of a runner's stdout, or None."""
+    found = None
+    for line in stdout.splitlines():
+        if line.startswith(MARK):
+            try:
+                found = json.loads(line[len(MARK):])
+            except json.JSONDecodeError:
+                pass
+    return found
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def flops_per_token(shape: str, seq: int) -> dict:
+    s = SHAPES[shape]
+    L, d, ff, vocab = s["num_hidden_layers"], s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    head_dim = d // s["num_attention_heads"]
+    d_attn = head_dim * s["num_attention_heads"]
+    kvd = head_dim * s["num_key_value_heads"]
+    p = L * (d * d_attn * 2 + 2 * d * kvd + 3 * d * ff) + vocab * d
+    attn = 2 * L * seq * d_attn
+    fwd = 2 * p + attn
+    return {"matmul_params": p, "attention_fwd": attn, "fwd": fwd,
+            "useful": 2 * (2 * p) + 3 * attn, "useful_2x_fwd": 2 * fwd}
+
+
+def versions() -> dict:
+    """Installed versions, read from package metadata (importing unsloth would patch transformers)."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "triton", "liger_kernel", "unsloth", "unsloth_zoo",
+                 "bitsandbytes", "torchao", "accelerate"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import subprocess
+
+        out["deftune_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                            text=True, timeout=10).stdout.strip()
+    except Exception:
+        pass
+    return out
+
+
+def host_rss_gib() -> float:
+    """Current resident set size of this process (GiB), from /proc (Linux)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return float("nan")
+
+
+def max_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def make_model_folder(shape: str, folder: str, device: str = "cuda", max_position_embeddings: int = 0) -> dict:
+    """A random-init Llama of ``shape`` (bf16 safetensors, 5 GB shards) plus a small BPE tokenizer.
+
+    Skipped when ``folder`` was already made for the same shape (several runs share one): a marker file,
+    written last, records the shape, so a save cut short is redone."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    s = dict(SHAPES[shape])
+    if max_position_embeddings:
+        s["max_position_embeddings"] = max_position_embeddings
+    marker = os.path.join(folder, "deftune_bench_shape.json")
+    if os.path.isfile(marker):
+        with open(marker) as fh:
+            if json.load(fh) == s:
+                return {"made": folder, "shape": shape, "reused": True}
+    t0 = time.time()
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(600, s["vocab_size"]),
+                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tokenizer.",
+                            "LoRA fine-tuning benchmark with random weights."] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.model_max_length = s["max_position_embeddings"]
+    cfg = LlamaConfig(**s, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                      pad_token_id=fast.pad_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="5GB", safe_serialization=True)
+    fast.save_pretrained(folder)
+    del model
+    with open(marker, "w") as fh:
+        json.dump(s, fh)
+    return {"made": folder, "shape": shape, "reused": False, "secs": round(time.time() - t0, 1)}
+
+
+def matmul_ceiling(n: int = 8192, repeats: int = 5, iters: int = 10) -> dict:
+    """Best bf16 n^3 matmul rate on the current CUDA device (TFLOP/s), best of ``repeats`` timings."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(iters):
+            torch.matmul(a, b, out=out)
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / iters)
+    props = torch.cuda.get_device_properties(0)
+    return {"card": torch.cuda.get_device_name(0), "total_gib": round(props.total_memory / 2**30, 2),
+            "ceiling_tflops": round(2 * n**3 / best / 1e12, 1), "ceiling_n": n}
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["make", "ceiling"])
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--dir", default="")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-position-embeddings", type=int, default=0)
+    a = ap.parse_args()
+    if a.what == "make":
+        emit(make_model_folder(a.shape, a.dir, a.device, a.max_position_embeddings))
+    else:
+        emit(matmul_ceiling())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Step time and peak memory of deftune's own training path on a random-init model folder.
+
+    python bench/_deftune_step.py --model-dir /tmp/deftune_bench_llama-1b --shape llama-1b --bs 8 --seq 2048 \
+        --fast 1 --quantize none --offload 1
+    # CPU smoke test (makes the tiny folder first):
+    python bench/_deftune_step.py --make --model-dir /tmp/deftune_bench_tiny --shape tiny --device cpu --bs 2 --seq 64
+
+Builds the model the way ``deftune.train`` does -- ``load_recipe`` overrides, ``models.load.load_model``,
+``api.prepare_model``, gradient checkpointing as in ``api.train`` -- then times steps made of deftune's
+loss (``train.loss.response_loss_sum`` under the trainer's autocast, labels = input ids), deftune's
+optimizer (``train.optim.build_optimizer``: fused AdamW on CUDA) and clipping at 1.0.
+3 warm-up + N timed steps; prints one ``BENCH_JSON`` line (median step, tokens/s, peak GiB).
+
+Recipe keys that other work adds (``model.fast``, ``model.quantize``, ``train.offload_activations``) are
+passed only when the installed config has them; the line records which were used and which were missing.
+A row asked for a feature whose key is missing reports status "unsupported" instead of silently running
+the plain bf16 path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import SHAPES, emit, make_model_folder, median  # noqa: E402
+
+
+def recipe_overrides(model_dir: str, device: str, fast: bool, quantize: str, offload: bool, rank: int = 16,
+                     seq: int = 2048):
+    """``(overrides, used, missing)``: the key=value list for ``load_recipe`` given the installed schema."""
+    from deftune.config import field_docs
+
+    keys = set(field_docs())
+    overrides = [f"model={model_dir}", f"device={device}", "method=lora", "model.attn_implementation=sdpa",
+                 "adapter.targets=all-linear", "adapter.layers=all", f"adapter.rank={rank}",
+                 f"adapter.alpha={rank}", "adapter.dropout=0", "adapter.ranks=[]", "adapter.stages=[]",
+                 "train.gradient_checkpointing=true", "train.clip_grad=1.0", "train.weight_decay=0.0",
+                 "train.lr=1e-4", "train.warmup=0", "train.schedule=constant", "train.grad_accum=1",
+                 f"data.max_length={seq}"]
+    wanted = {"model.fast": "true" if fast else "false", "model.quantize": quantize,
+              "train.offload_activations": "true" if offload else "false"}
+    used, missing = {}, []
+    for key, value in wanted.items():
+        if key in keys:
+            overrides.append(f"{key}={value}")
+            used[key] = value
+        else:
+            missing.append(key)
+    return overrides, used, missing
+
+
+def unsupported_reason(fast: bool, quantize: str, missing: list[str]) -> str:
+    if fast and "model.fast" in missing:
+        return "deftune config has no model.fast key: the fast path is not wired in this checkout"
+    if quantize != "none" and "model.quantize" in missing:
+        return "deftune config has no model.quantize key: 4-bit loading is not wired in this checkout"
+    return ""
+
+
+def module_census(model) -> dict:
+    """Class names of the modules, and where each class's forward comes from (a kernel patch shows here)."""
+    counts = Counter(type(m).__name__ for m in model.modules())
+    origin = {}
+    for m in model.modules():
+        name = type(m).__name__
+        if name not in origin:
+            fwd = getattr(m, "forward", None)
+            fn = getattr(fwd, "__func__", fwd)
+            origin[name] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+    return {"counts": dict(counts.most_common()), "forward_of": origin}
+
+
+def build(model_dir: str, device: str, fast: bool, quantize: str, offload: bool, rank: int = 16,
+          seq: int = 2048) -> dict:
+    """Model, optimizer and recipe built through deftune's library path. Returns a dict."""
+    import torch
+
+    from deftune import api
+    from deftune.config import load_recipe
+    from deftune.models.load import load_model
+    from deftune.train.optim import build_optimizer
+
+    overrides, used, missing = recipe_overrides(model_dir, device, fast, quantize, offload, rank, seq)
+    info = {"recipe_keys_used": used, "recipe_keys_missing": missing}
+    reason = unsupported_reason(fast, quantize, missing)
+    if reason:
+        return {**info, "status": "unsupported", "error": reason}
+    recipe = load_recipe(None, overrides)
+    dev = api.resolve_device(recipe.device)
+    api.seed_everything(recipe.train.seed)
+    t0 = time.perf_counter()
+    model, _tokenizer, _source = load_model(recipe.model, dev)
+    api.seed_everything(recipe.train.seed)
+    api.prepare_model(recipe, model, dev)
+    # As api.train does after prepare_model: offloading (when on) already checkpoints every decoder layer,
+    # so transformers' checkpointing is added only without it.
+    offload = bool(getattr(recipe.train, "offload_activations", False))
+    checkpointing = recipe.train.gradient_checkpointing and not offload
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()
+    model.config.use_cache = False
+    info["checkpointing"] = "offloaded (deftune)" if offload else ("transformers" if checkpointing else "none")
+    info["fast_path"] = _ensure_fast_path(model, recipe) if fast else None
+    model.train()
+    trainable, total = api.count_params(model)
+    optimizer, scheduler = build_optimizer(model, recipe.train, total_steps=1000)
+    info.update(model=model, optimizer=optimizer, scheduler=scheduler, recipe=recipe, device=dev,
+                load_s=round(time.perf_counter() - t0, 1), trainable_m=round(trainable / 1e6, 2),
+                params_m=round(total / 1e6, 1), census=module_census(model),
+                param_dtypes=dict(Counter(str(p.dtype) for p in model.parameters())))
+    if dev.type == "cuda":
+        info["after_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    return info
+
+
+def _ensure_fast_path(model, recipe) -> dict:
+    """What patched the model: deftune's api (when it applies ``model.fast`` itself) or, when the api does
+    not call it yet, this runner through deftune's own ``kernels.patch.apply_fast_path``."""
+    try:
+        from deftune.kernels.patch import apply_fast_path, is_fast
+    except ImportError as exc:
+        return {"applied_by": "nobody", "error": f"deftune.kernels.patch missing: {exc}"}
+    if is_fast(model):
+        return {"applied_by": "deftune api", "counts": dict(getattr(model, "_deftune_fast_counts", {}))}
+    lines: list[str] = []
+    counts = apply_fast_path(model, log=lines.append)
+    return {"applied_by": "bench runner via deftune.kernels.patch.apply_fast_path (api did not apply it)",
+            "counts": counts, "log": lines}
+
+
+def train_step(built: dict, input_ids) -> float:
+    """One optimizer step of deftune's loss on ``input_ids`` (labels = inputs); returns the mean loss."""
+    import torch
+
+    from deftune.train.loop import autocast_context
+    from deftune.train.loss import response_loss_sum
+
+    model, optimizer, scheduler = built["model"], built["optimizer"], built["scheduler"]
+    batch = {"input_ids": input_ids, "labels": input_ids}
+    with autocast_context(built["device"]):
+        loss_sum, n = response_loss_sum(model, batch)
+    loss = loss_sum / n
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, built["recipe"].train.clip_grad)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--make", action="store_true", help="create the random-init model folder first (if absent)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--fast", type=int, default=1)
+    ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    ap.add_argument("--offload", type=int, default=0)
+    a = ap.parse_args()
+    import torch
+
+    name = f"deftune {'fast' if a.fast else 'plain'}" + (" nf4" if a.quantize != "none" else "")
+    row = {"impl": name, "shape": a.shape, "bs": a.bs, "seq": a.seq, "rank": a.rank, "fast": bool(a.fast),
+           "quantize": a.quantize, "offload_requested": bool(a.offload), "device": a.device}
+    if a.device == "cuda" and not torch.cuda.is_available():
+        emit({**row, "status": "error", "error": "no CUDA GPU visible (torch.cuda.is_available() is False)"})
+        return
+    if a.make:
+        row["make"] = make_model_folder(a.shape, a.model_dir, a.device)
+    built = build(a.model_dir, a.device, bool(a.fast), a.quantize, bool(a.offload), a.rank, a.seq)
+    if "model" not in built:
+        emit({**row, **built})
+        return
+    on_cuda = a.device == "cuda"
+    vocab = built["model"].config.vocab_size
+    gen = torch.Generator(device=a.device).manual_seed(1)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    try:
+        for _ in range(a.warmup + a.steps):
+            x = torch.randint(0, vocab, (a.bs, a.seq), device=a.device, generator=gen)
+            if on_cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            losses.append(train_step(built, x))
+            if on_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    except torch.OutOfMemoryError as exc:
+        emit({**row, "status": "oom", "error": str(exc).splitlines()[0][:300],
+              "steps_done": len(times), **_meta(built, on_cuda)})
+        return
+    step = median(times[a.warmup:])
+    emit({**row, "status": "ok", "step_s": round(step, 4), "tok_s": round(a.bs * a.seq / step, 1),
+          "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+          **_meta(built, on_cuda)})
+
+
+def _meta(built: dict, on_cuda: bool) -> dict:
+    import torch
+
+    keys = ("recipe_keys_used", "recipe_keys_missing", "fast_path", "checkpointing", "load_s", "trainable_m",
+            "params_m", "census", "param_dtypes")
+    out = {k: built[k] for k in keys if k in built}
+    if on_cuda:
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["after_load_gib"] = built.get("after_load_gib")
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+if __name__ == "__main__":
+    main()

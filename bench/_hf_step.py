@@ -1,0 +1,119 @@
+"""Step time and peak memory of HF transformers + PEFT LoRA (optionally + Liger-Kernel, or QLoRA through
+bitsandbytes) on a random-init model folder; the workload of ../shared/bench/anchor_lora.py.
+
+    python bench/_hf_step.py --model-dir /tmp/m1b --shape llama-1b --bs 8 --seq 2048 [--liger | --bnb4]
+
+SDPA attention, non-reentrant gradient checkpointing, LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down,
+the model's own loss (labels = input ids), fused AdamW, clip 1.0; 3 warm-up + N timed steps, median.
+``--liger`` applies ``apply_liger_kernel_to_llama()`` (its defaults: RoPE, RMSNorm, SwiGLU, fused linear
+cross-entropy) before loading. ``--bnb4`` loads the base weights as bitsandbytes NF4 (double quant, bf16
+compute), the way Unsloth's ``load_in_4bit`` does, without upcasting the rest to fp32.
+Prints one ``BENCH_JSON`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import LORA_TARGETS, SHAPES, emit, median  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--liger", action="store_true")
+    ap.add_argument("--bnb4", action="store_true")
+    a = ap.parse_args()
+    import torch
+
+    impl = "hf+peft" + ("+liger" if a.liger else "") + (" qlora-bnb" if a.bnb4 else "")
+    row = {"impl": impl, "shape": a.shape, "bs": a.bs, "seq": a.seq, "rank": a.rank, "device": a.device}
+    on_cuda = a.device == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        emit({**row, "status": "error", "error": "no CUDA GPU visible"})
+        return
+    if a.liger:
+        try:
+            import liger_kernel
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+        except ImportError as exc:
+            emit({**row, "status": "not installed", "error": f"liger_kernel does not import: {exc}"})
+            return
+        apply_liger_kernel_to_llama()
+        row["liger"] = getattr(liger_kernel, "__version__", "?")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=torch.bfloat16 if on_cuda else torch.float32, attn_implementation="sdpa",
+                  use_safetensors=True)
+    if a.bnb4:
+        try:
+            import bitsandbytes
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            emit({**row, "status": "not installed", "error": f"bitsandbytes does not import: {exc}"})
+            return
+        row["bitsandbytes"] = bitsandbytes.__version__
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    if on_cuda:
+        kwargs["device_map"] = {"": 0}  # straight to the GPU (accelerate comes with peft)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, **kwargs)
+    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0,
+                                             target_modules=LORA_TARGETS))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if on_cuda else None)
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=a.device).manual_seed(1)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    try:
+        for _ in range(a.warmup + a.steps):
+            x = torch.randint(0, vocab, (a.bs, a.seq), device=a.device, generator=gen)
+            if on_cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model(input_ids=x, labels=x)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if on_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            losses.append(float(out.loss.detach()))
+    except torch.OutOfMemoryError as exc:
+        emit({**row, "status": "oom", "error": str(exc).splitlines()[0][:300], "steps_done": len(times),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)})
+        return
+    step = median(times[a.warmup:])
+    row.update(status="ok", step_s=round(step, 4), tok_s=round(a.bs * a.seq / step, 1),
+               first_step_s=round(times[0], 2), loss_first_last=[round(losses[0], 4), round(losses[-1], 4)],
+               load_s=round(load_s, 1), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2))
+    if on_cuda:
+        row.update(peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                   gpu=torch.cuda.get_device_name())
+    emit(row)
+
+
+if __name__ == "__main__":
+    main()
