@@ -223,6 +223,11 @@ def test_lora_over_nf4_trains_and_leaves_the_codes_alone(tiny_llama_dir, tmp_pat
     spec = attach_lora(model, "all-linear", "all", rank=4, alpha=8)
     assert all(isinstance(m.base_layer, NF4Linear) for m in lora_modules(model).values())
     codes = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("_codes", "_scale", "_mean"))}
+    from deftune.train.monitor import UpdateTracker
+
+    # ||W0||_F for the update heatmap comes from dequant(W), not from the NaN `weight` stand-in.
+    norms = UpdateTracker(model).base_norms
+    assert len(norms) == 14 and all(0 < v < float("inf") for v in norms.values())
     torch.manual_seed(0)
     ids = torch.randint(5, 300, (4, 16))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
