@@ -8,7 +8,8 @@ O(layers x B x T x H) instead of O(layers x everything a layer saves). Here even
     backward:  pinned copy --(non_blocking)--> GPU, then layer i is recomputed from it
 
 so what stays on the GPU is about one layer's activations. The copy out overlaps the next layers'
-compute (it runs on its own stream); the copy back is queued before the recompute on the compute stream.
+compute (it runs on its own stream); the copy back of layer i-1's input is started on that stream as soon
+as layer i's recompute begins, so it overlaps layer i's backward instead of stalling the compute stream.
 Built on torch's non-reentrant checkpoint: the first forward runs on the real input (so the graph links
 the layer's output to it), the recompute runs on the restored copy, which holds the same values.
 """
@@ -40,6 +41,10 @@ class OffloadedTensor:
         self.requires_grad = tensor.requires_grad
         src = tensor.detach()
         self.event = None
+        self.stream = stream
+        self.prev: OffloadedTensor | None = None  # the layer below: prefetched when this one is restored
+        self._gpu = None
+        self._gpu_event = None
         if src.is_cuda:
             stream = stream or torch.cuda.current_stream(src.device)
             self.host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
@@ -54,19 +59,37 @@ class OffloadedTensor:
         else:
             self.host = src.clone()
 
+    def prefetch(self) -> None:
+        """Start the copy back to the GPU on the side stream (CUDA only; a no-op when already started)."""
+        if self.event is None or self._gpu is not None:
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.event)
+            self._gpu = self.host.to(self.device, non_blocking=True)
+            self._gpu_event = torch.cuda.Event()
+            self._gpu_event.record(self.stream)
+
     def restore(self) -> torch.Tensor:
         if self.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.event)
-            out = self.host.to(self.device, non_blocking=True)
+            current = torch.cuda.current_stream(self.device)
+            self.prefetch()
+            current.wait_event(self._gpu_event)
+            out, self._gpu = self._gpu, None
+            # Made on the side stream, used and freed on the compute stream.
+            out.record_stream(current)
+            if self.prev is not None:
+                self.prev.prefetch()
         else:
             out = self.host.clone()
         # Same requires_grad as in forward, so the recompute saves the same tensors (checked by torch).
         return out.requires_grad_(self.requires_grad)
 
 
-def offloaded_checkpoint(fn, hidden: torch.Tensor, *args, stream=None, **kwargs):
-    """``fn(hidden, *args, **kwargs)`` checkpointed, with ``hidden`` held only as an OffloadedTensor."""
+def offloaded_checkpoint(fn, hidden: torch.Tensor, *args, stream=None, prev=None, **kwargs):
+    """``fn(hidden, *args, **kwargs)`` checkpointed, with ``hidden`` held only as an OffloadedTensor.
+    ``prev`` is the box of the layer run just before (prefetched back when this one is restored)."""
     box = OffloadedTensor(hidden, stream)
+    box.prev = prev
     live = [hidden]
 
     def run(_device_marker, *a, **kw):
@@ -78,14 +101,19 @@ def offloaded_checkpoint(fn, hidden: torch.Tensor, *args, stream=None, **kwargs)
     # would keep it alive on the GPU until backward, which is what this module avoids.
     out = checkpoint(run, hidden.new_empty(0), *args, use_reentrant=False, **kwargs)
     live[0] = None
-    return out
+    return out, box
 
 
 def _offloaded_layer_forward(self, hidden_states, *args, **kwargs):
     plain = functools.partial(type(self).forward, self)
     if not (self.training and torch.is_grad_enabled()):
         return plain(hidden_states, *args, **kwargs)
-    return offloaded_checkpoint(plain, hidden_states, *args, stream=self._deftune_offload_stream, **kwargs)
+    chain = self._deftune_offload_chain
+    if self._deftune_offload_index == 0:
+        chain["last"] = None  # a new forward pass
+    out, chain["last"] = offloaded_checkpoint(plain, hidden_states, *args, stream=self._deftune_offload_stream,
+                                              prev=chain["last"], **kwargs)
+    return out
 
 
 def wrap_decoder_layers(model: nn.Module) -> int:
@@ -96,11 +124,14 @@ def wrap_decoder_layers(model: nn.Module) -> int:
     """
     layers = decoder_layers(model)
     stream = None
-    for layer in layers:
+    chain = {"last": None}
+    for index, layer in enumerate(layers):
         device = next(layer.parameters()).device
         if device.type == "cuda" and stream is None:
             stream = torch.cuda.Stream(device)
         layer._deftune_offload_stream = stream
+        layer._deftune_offload_chain = chain
+        layer._deftune_offload_index = index
         layer.forward = types.MethodType(_offloaded_layer_forward, layer)
     return len(layers)
 
