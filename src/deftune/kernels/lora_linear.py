@@ -40,16 +40,19 @@ class LoRALinearFunction(torch.autograd.Function):
         w0 = base_weight(base)
         dtype = w0.dtype
         xc = x.to(dtype)
-        u = xc @ lora_a.to(dtype).t()
-        y = xc @ w0.t()
-        y = y + (u @ lora_b.to(dtype).t()) * scaling
+        x2 = xc.reshape(-1, xc.shape[-1])
+        u = x2 @ lora_a.to(dtype).t()
+        # s folded into the [out, r] factor, and the adapter's term added in the base GEMM's epilogue
+        # (addmm's C input): no extra full-size passes over y for the scaling and the sum.
+        low = u @ (lora_b * scaling).to(dtype).t()
         if base.bias is not None:
-            y = y + base.bias.to(dtype)
+            low = low + base.bias.to(dtype)
+        y = torch.addmm(low, x2, w0.t())
         ctx.base = base
         ctx.scaling = scaling
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(xc, u, lora_a, lora_b)
-        return y
+        return y.reshape(*xc.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -59,16 +62,16 @@ class LoRALinearFunction(torch.autograd.Function):
         dy = dy.to(dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = xc.reshape(-1, xc.shape[-1])
-        u2 = u.reshape(-1, u.shape[-1])
-        du = (dy2 @ lora_b.to(dtype)) * s
+        du = dy2 @ (lora_b * s).to(dtype)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ base_weight(ctx.base).to(dtype) + du @ lora_a.to(dtype)
+            # dU A first (rank-r GEMM), then dy W0 accumulated onto it in the big GEMM's epilogue.
+            dx = torch.addmm(du @ lora_a.to(dtype), dy2, base_weight(ctx.base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             da = (du.t() @ x2).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
-            db = ((dy2.t() @ u2) * s).to(lora_b.dtype)
+            db = ((dy2.t() @ u) * s).to(lora_b.dtype)
         return dx, da, db, None, None
 
 
