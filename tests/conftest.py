@@ -62,6 +62,18 @@ def make_tiny_tokenizer(pad: bool = True, chat_template: bool = True, adds_bos: 
     return tokenizer
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    matmuls gain nothing from threads, and on a busy 2-core machine spinning OpenMP workers slow them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_tokenizer():
     """Byte-level BPE tokenizer with BOS/EOS/pad and a ChatML chat template."""

@@ -30,12 +30,7 @@ from deftune.config import recipe_from_dict
 A_EXPERTS, B_EXPERTS = [0, 1], [4, 5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _domain(path: Path, alphabet: str, n: int, seed: int) -> Path:

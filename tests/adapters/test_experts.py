@@ -30,13 +30,7 @@ from deftune.models.moe import moe_blocks
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads; spinning OpenMP workers slow a busy 2-core machine down.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(arch: str, seed: int = 0, **kw):

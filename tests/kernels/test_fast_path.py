@@ -47,13 +47,7 @@ def _triton_path_is_taken(monkeypatch):
     yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; spinning OpenMP workers slow a shared CPU down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(family: str, **extra):
