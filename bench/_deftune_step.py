@@ -75,8 +75,9 @@ def module_census(model) -> dict:
 
 
 def build(model_dir: str, device: str, fast: bool, quantize: str, offload: bool, rank: int = 16,
-          seq: int = 2048) -> dict:
-    """Model, optimizer and recipe built through deftune's library path. Returns a dict."""
+          seq: int = 2048, extra: tuple[str, ...] = ()) -> dict:
+    """Model, optimizer and recipe built through deftune's library path (``extra``: more key=value
+    overrides). Returns a dict."""
     import torch
 
     from deftune import api
@@ -85,6 +86,8 @@ def build(model_dir: str, device: str, fast: bool, quantize: str, offload: bool,
     from deftune.train.optim import build_optimizer
 
     overrides, used, missing = recipe_overrides(model_dir, device, fast, quantize, offload, rank, seq)
+    overrides += list(extra)
+    used.update(dict(x.split("=", 1) for x in extra))
     info = {"recipe_keys_used": used, "recipe_keys_missing": missing}
     reason = unsupported_reason(fast, quantize, missing)
     if reason:

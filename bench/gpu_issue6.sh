@@ -54,7 +54,7 @@ for part in $PARTS; do
     long)
       say "long_context llama-8b nf4 (budget ${BL}s)"
       timeout -k 5 $((BL + 30)) $PY bench/long_context.py --model-dir /tmp/deftune_bench_llama-8b --shape llama-8b \
-        --lengths 32768,65536,131072 --cap-gb 80 --extend-step 65536 --max-len 524288 --budget-s "$BL" \
+        --lengths 32768,65536,131072 --cap-gb 80 --mlp-tile "${MLP_TILE:-8192}" --extend-step 65536 --max-len 524288 --budget-s "$BL" \
         --out "$OUTDIR/long_context.json" 2>&1 | tee "$OUTDIR/long_context.log"; rc=${PIPESTATUS[0]}
       ;;
     *) say "unknown part $part (known: 1b 8b long)"; rc=2 ;;

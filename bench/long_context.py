@@ -7,7 +7,8 @@
 
 deftune's own path (bench/_deftune_step.py's ``build``): model.quantize=nf4, model.fast=true,
 train.offload_activations=true (when the installed config has those keys; the JSON lists what was used),
-LoRA r=16 on all linear layers, deftune's loss with labels = inputs, fused AdamW, clip 1.0.
+LoRA r=16 on all linear layers, deftune's loss with labels = inputs, fused AdamW, clip 1.0;
+``--mlp-tile N`` adds train.mlp_tile_tokens=N (each MLP over N-token checkpointed tiles).
 
 The card is capped with ``torch.cuda.set_per_process_memory_fraction(cap / total)``, cap = ``--cap-gb`` x 1e9
 bytes (80 GB = 74.5 GiB, a little under the 79.2 GiB an 80 GB card offers, so the cap is conservative).
@@ -119,6 +120,7 @@ def main() -> int:
     ap.add_argument("--fast", type=int, default=1)
     ap.add_argument("--quantize", default="nf4", choices=["none", "nf4"])
     ap.add_argument("--offload", type=int, default=1)
+    ap.add_argument("--mlp-tile", type=int, default=0, help="train.mlp_tile_tokens (0 = off)")
     ap.add_argument("--extend-step", type=int, default=0, help="continue past --lengths in steps of N tokens")
     ap.add_argument("--max-len", type=int, default=524288)
     ap.add_argument("--budget-s", type=float, default=0, help="stop before a step that would not fit (0 = none)")
@@ -135,7 +137,7 @@ def main() -> int:
               "command": " ".join(["python", "bench/long_context.py"] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "card": None, "versions": versions(),
               "workload": {"shape": a.shape, "batch": 1, "lora": "r=16 alpha=16 dropout=0, all linear layers",
-                           "fast": bool(a.fast), "quantize": a.quantize, "offload_requested": bool(a.offload),
+                           "fast": bool(a.fast), "quantize": a.quantize, "offload_requested": bool(a.offload), "mlp_tile_tokens": a.mlp_tile,
                            "cap_gb": a.cap_gb, "cap_bytes": int(a.cap_gb * 1e9),
                            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")},
               "rows": [], "notes": []}
@@ -181,7 +183,8 @@ def main() -> int:
     import _deftune_step
 
     t0 = time.perf_counter()
-    built = _deftune_step.build(folder, a.device, bool(a.fast), a.quantize, bool(a.offload), 16, top)
+    extra = (f"train.mlp_tile_tokens={a.mlp_tile}",) if a.mlp_tile else ()
+    built = _deftune_step.build(folder, a.device, bool(a.fast), a.quantize, bool(a.offload), 16, top, extra)
     if "model" not in built:
         result.update(status=built.get("status", "error"), error=built.get("error"))
         save()

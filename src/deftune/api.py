@@ -89,6 +89,11 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
         from deftune.kernels.offload import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model, device)
+    if recipe.train.mlp_tile_tokens > 0:
+        from deftune.kernels.tiled_mlp import tile_mlps
+
+        print(f"MLP tiling: {tile_mlps(model, recipe.train.mlp_tile_tokens)} MLPs run over tiles of "
+              f"{recipe.train.mlp_tile_tokens} tokens")
     return spec
 
 

@@ -204,6 +204,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Checkpoint each decoder layer and keep its saved input in pinned CPU memory (CUDA GPU only).
     offload_activations: bool = False
+    # Long context: run each decoder MLP over tiles of this many tokens, each checkpointed, so only one
+    # tile's MLP activations exist at a time (0 = off). Costs one more MLP forward per step.
+    mlp_tile_tokens: int = 0
     # Log to the console and metrics.jsonl every N optimizer steps.
     log_every: int = 1
     # Save a checkpoint every N optimizer steps (0 = only at the end).
@@ -228,6 +231,8 @@ class TrainConfig:
             raise DeftuneError(f"train.warmup must be >= 0, got {self.warmup}")
         if len(self.betas) != 2:
             raise DeftuneError(f"train.betas must hold two numbers, got {self.betas}")
+        if self.mlp_tile_tokens < 0:
+            raise DeftuneError(f"train.mlp_tile_tokens must be >= 0 (0 = off), got {self.mlp_tile_tokens}")
 
 
 @dataclass

@@ -398,3 +398,58 @@ def test_fast_training_matches_plain_on_cuda(tiny_llama_dir, copy_task_file, tmp
     # bf16 here, float32 there), so per-step losses agree to bf16 precision only.
     for p, f in zip(losses[False], losses[True]):
         assert f == pytest.approx(p, rel=2e-2)
+
+
+@pytest.mark.parametrize("fast,offloaded", [(False, False), (True, False), (True, True)])
+def test_tiled_mlp_keeps_loss_and_gradients(fast, offloaded):
+    """MLP tiling (train.mlp_tile_tokens) changes no value: loss and every LoRA gradient equal the
+    untiled model's, alone, over the fast path, and nested in the offloaded layer checkpoint."""
+    from deftune.kernels.tiled_mlp import tile_mlps
+
+    plain = _lora_model("llama").train()
+    if fast:
+        apply_fast_path(plain, log=lambda _: None)
+    tiled = copy.deepcopy(plain)
+    if offloaded:
+        offload.wrap_decoder_layers(tiled)
+    assert tile_mlps(tiled, 5) == 2  # 3 x 13 = 39 tokens -> 8 tiles
+    batch = _batch()
+    loss_p, _, grads_p = _loss_and_grads(plain, batch)
+    loss_t, _, grads_t = _loss_and_grads(tiled, batch)
+    assert loss_t == pytest.approx(loss_p, rel=1e-6)
+    for name in grads_p:
+        torch.testing.assert_close(grads_t[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_tiled_mlp_never_holds_the_whole_sequence_intermediate():
+    """Saved for backward while the tiled model runs forward: nothing of size tokens x intermediate."""
+    from deftune.kernels.tiled_mlp import tile_mlps
+
+    model = _lora_model("llama").train()
+    tile_mlps(model, 4)
+    batch = _batch()
+    tokens = batch["input_ids"].numel()
+    intermediate = model.config.intermediate_size
+    sizes = []
+
+    def pack(t):
+        if t.dim() and t.shape[-1] == intermediate:  # MLP intermediates (gate / up / act outputs)
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        response_loss_sum(model, batch)
+    assert max(sizes, default=0) < tokens * intermediate
+    # Without tiling the MLP saves its [tokens, intermediate] activations.
+    untiled = _lora_model("llama").train()
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        response_loss_sum(untiled, batch)
+    assert max(sizes) >= tokens * intermediate
+
+
+def test_mlp_tile_tokens_is_checked():
+    from deftune.config import recipe_from_dict
+
+    with pytest.raises(DeftuneError, match="train.mlp_tile_tokens"):
+        recipe_from_dict({"train": {"mlp_tile_tokens": -1}})
