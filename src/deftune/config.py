@@ -368,6 +368,15 @@ class Recipe:
                 raise DeftuneError(f"adapter.ranks / adapter.stages do not apply to method {self.method}")
             if self.experts.train_router and self.method != "esft":
                 raise DeftuneError("experts.train_router applies to method esft (LoRA does not wrap routers)")
+            # Checked here, before any model is loaded: a typo should not cost a model load.
+            sel, domains = self.experts.select, self.experts.domains
+            if not sel:
+                raise DeftuneError(f"method {self.method} needs experts.select: a domain of experts.domains "
+                                   f"({', '.join(map(str, domains)) or 'none defined'}) or a selection file "
+                                   "from `deftune experts`")
+            if sel not in domains and not sel.endswith(".json") and not Path(sel).is_file():
+                raise DeftuneError(f"experts.select: {sel!r} is neither a domain of experts.domains "
+                                   f"({', '.join(map(str, domains)) or 'none defined'}) nor a selection file")
         if self.method == "full" and self.adapter.ranks:
             raise DeftuneError("adapter.ranks (dynamic rank) applies to method lora, not full")
         if self.model.quantize != "none" and self.method not in ("lora", "expert-lora"):
