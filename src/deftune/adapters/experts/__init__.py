@@ -151,13 +151,14 @@ def score_domain(model_path: str, data: str, top_p: float = 0.2, score: str = "t
     if not 0 < top_p <= 1:
         raise DeftuneError(f"--top-p must be in (0, 1], got {top_p}")
     recipe = load_recipe(None, [f"model.path={model_path}", *overrides])
+    # The data first: a wrong path or a malformed record should fail before the model loads.
+    samples = to_samples(read_records(data), recipe.data.format)
+    if max_records > 0:
+        samples = samples[:max_records]
     dev = resolve_device(device)
     model, tokenizer, source = load_model(recipe.model, dev)
     ensure_pad_token(tokenizer)
     blocks = require_moe(model, "deftune experts")
-    samples = to_samples(read_records(data), recipe.data.format)
-    if max_records > 0:
-        samples = samples[:max_records]
     examples, stats = tokenize_samples(samples, tokenizer, recipe.data.template, recipe.data.max_length,
                                        recipe.data.system_prompt)
     if not examples:
