@@ -99,13 +99,9 @@ def build(model_dir: str, device: str, fast: bool, quantize: str, offload: bool,
     model, _tokenizer, _source = load_model(recipe.model, dev)
     api.seed_everything(recipe.train.seed)
     api.prepare_model(recipe, model, dev)
-    # As api.train does after prepare_model: offloading (when on) already checkpoints every decoder layer,
-    # so transformers' checkpointing is added only without it.
+    # Checkpointing exactly as api.train sets it up (offloading, when on, checkpoints the layers itself).
     offload = bool(getattr(recipe.train, "offload_activations", False))
-    checkpointing = recipe.train.gradient_checkpointing and not offload
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.disable_input_require_grads()
+    checkpointing = api.enable_checkpointing(recipe, model)
     model.config.use_cache = False
     info["checkpointing"] = "offloaded (deftune)" if offload else ("transformers" if checkpointing else "none")
     info["fast_path"] = _ensure_fast_path(model, recipe) if fast else None

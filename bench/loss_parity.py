@@ -38,7 +38,7 @@ def batches(vocab: int, steps: int, bs: int, seq: int, device: str) -> list[torc
 
 
 def run_deftune(folder: str, data, args) -> tuple[list[float], dict, torch.nn.Module, object]:
-    from deftune.api import prepare_model
+    from deftune.api import enable_checkpointing, prepare_model
     from deftune.config import load_recipe
     from deftune.models.load import load_model
     from deftune.train.loss import response_loss_sum
@@ -47,15 +47,13 @@ def run_deftune(folder: str, data, args) -> tuple[list[float], dict, torch.nn.Mo
     recipe = load_recipe(None, [
         f"model={folder}", f"device={args.device}", "method=lora", "model.attn_implementation=sdpa",
         "adapter.targets=all-linear", "adapter.rank=16", "adapter.alpha=16", "adapter.dropout=0",
-        f"model.fast=true", f"train.offload_activations={'true' if offload else 'false'}",
+        "model.fast=true", "train.gradient_checkpointing=true", f"train.offload_activations={'true' if offload else 'false'}",
         f"model.dtype={'bfloat16' if args.device == 'cuda' else 'float32'}"])
     device = torch.device(args.device)
     model, _, _ = load_model(recipe.model, device)
     torch.manual_seed(0)
     spec = prepare_model(recipe, model, device)
-    if not offload:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.disable_input_require_grads()
+    enable_checkpointing(recipe, model)  # as api.train does (a no-op under offloading)
     model.config.use_cache = False
     model.train()
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

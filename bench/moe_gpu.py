@@ -47,7 +47,7 @@ def ds_v2_lite_config(tiny: bool = False):
 def run_deftune(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from deftune.api import prepare_model
+    from deftune.api import enable_checkpointing, prepare_model
     from deftune.config import recipe_from_dict
     from deftune.train.loss import response_loss_sum
 
@@ -67,13 +67,13 @@ def run_deftune(args) -> dict:
                  for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers)}
     recipe = recipe_from_dict({
         "method": "expert-lora", "device": dev, "model": {"fast": bool(args.fast)},
+        "train": {"gradient_checkpointing": True, "checkpoint_skip": args.checkpoint_skip},
         "adapter": {"rank": args.rank, "alpha": args.rank, "dropout": 0.0},
         "experts": {"domains": {"bench": selection}, "select": "bench", "also": "attention"},
     })
     device = torch.device(dev)
     prepare_model(recipe, model, device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.disable_input_require_grads()
+    enable_checkpointing(recipe, model)  # as api.train does
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,7 +99,7 @@ def run_deftune(args) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(round(float(loss_sum.detach()) / n, 4))
     step = statistics.median(times[3:])
-    return dict(framework="deftune", method="expert-lora", fast=args.fast, expert_fraction=k / n_exp,
+    return dict(framework="deftune", method="expert-lora", fast=args.fast, checkpoint_skip=args.checkpoint_skip, expert_fraction=k / n_exp,
                 experts_per_layer=k, also="attention", seq=args.seq, bs=args.bs, rank=args.rank,
                 trainable_m=round(n_train / 1e6, 2), init_s=round(init_s, 1), step_s=round(step, 4),
                 tok_s=round(args.bs * args.seq / step),
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--expert-fraction", type=float, default=0.1)
     ap.add_argument("--fast", type=int, default=1)
+    ap.add_argument("--checkpoint-skip", type=int, default=0, help="train.checkpoint_skip (top layers not recomputed)")
     ap.add_argument("--child", action="store_true", help="run one deftune configuration and print JSON")
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test of the deftune path)")
     ap.add_argument("--configs", default="fast,plain,hf-attn,hf-all")
@@ -142,7 +143,8 @@ def main() -> None:
     import peft
 
     me = [sys.executable, __file__, "--child", "--seq", str(args.seq), "--bs", str(args.bs), "--rank",
-          str(args.rank), "--steps", str(args.steps), "--expert-fraction", str(args.expert_fraction)]
+          str(args.rank), "--steps", str(args.steps), "--checkpoint-skip", str(args.checkpoint_skip),
+          "--expert-fraction", str(args.expert_fraction)]
     hf = [sys.executable, args.anchor, "--seq", str(args.seq), "--bs", str(args.bs), "--rank", str(args.rank),
           "--steps", str(args.steps)]
     plan = {
@@ -151,6 +153,8 @@ def main() -> None:
         "hf-attn": hf + ["--no-expert-lora"],
         "hf-all": hf,
         "fast-all-experts": me[:-1] + ["1.0", "--fast", "1"],
+        # Spend the memory left under HF's attention-only peak on not recomputing the top layers.
+        "fast-skip6": me + ["--fast", "1", "--checkpoint-skip", "6"],
     }
     rows = {}
     for name in args.configs.split(","):

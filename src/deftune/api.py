@@ -88,13 +88,44 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
     if recipe.train.offload_activations:
         from deftune.kernels.offload import enable_offloaded_checkpointing
 
-        enable_offloaded_checkpointing(model, device)
+        from deftune.models.arch import num_layers
+
+        enable_offloaded_checkpointing(model, device, keep_top=_checked_skip(recipe, num_layers(model)))
     if recipe.train.mlp_tile_tokens > 0:
         from deftune.kernels.tiled_mlp import tile_mlps
 
         print(f"MLP tiling: {tile_mlps(model, recipe.train.mlp_tile_tokens)} MLPs run over tiles of "
               f"{recipe.train.mlp_tile_tokens} tokens")
     return spec
+
+
+def enable_checkpointing(recipe: Recipe, model: nn.Module) -> bool:
+    """transformers' gradient checkpointing as the recipe asks (``train.gradient_checkpointing``, minus the
+    top ``train.checkpoint_skip`` layers). Returns whether it was turned on (off under offloading, which
+    checkpoints the layers itself: both would recompute each layer twice)."""
+    from deftune.models.arch import decoder_layers
+
+    if not recipe.train.gradient_checkpointing or recipe.train.offload_activations:
+        return False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers makes the embedding output require grad here, which drags backward through every
+    # layer; non-reentrant checkpointing does not need it, and without it backward stops at the lowest
+    # trainable layer.
+    model.disable_input_require_grads()
+    model.config.use_cache = False
+    layers = decoder_layers(model)
+    skip = _checked_skip(recipe, len(layers))
+    for layer in list(layers)[len(layers) - skip:]:
+        # The per-layer switch transformers' GradientCheckpointingLayer reads in training.
+        layer.gradient_checkpointing = False
+    return True
+
+
+def _checked_skip(recipe: Recipe, n_layers: int) -> int:
+    skip = recipe.train.checkpoint_skip
+    if skip > n_layers:
+        raise DeftuneError(f"train.checkpoint_skip={skip}: the model has {n_layers} decoder layers")
+    return skip
 
 
 def _attach_or_unfreeze(recipe: Recipe, model: nn.Module, device: torch.device):
@@ -193,16 +224,7 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
 
     seed_everything(recipe.train.seed)
     spec = prepare_model(recipe, model, device)
-    # Offloading already checkpoints every decoder layer; transformers' checkpointing on top would
-    # recompute each layer twice.
-    checkpointing = recipe.train.gradient_checkpointing and not recipe.train.offload_activations
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # transformers makes the embedding output require grad here, which drags backward through every
-        # layer; non-reentrant checkpointing does not need it, and without it backward stops at the lowest
-        # trainable layer.
-        model.disable_input_require_grads()
-        model.config.use_cache = False
+    checkpointing = enable_checkpointing(recipe, model)
     trainable, total = count_params(model)
     print(f"Method {recipe.method}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")

@@ -204,6 +204,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Checkpoint each decoder layer and keep its saved input in pinned CPU memory (CUDA GPU only).
     offload_activations: bool = False
+    # With gradient checkpointing or offload_activations: the N decoder layers nearest the output keep
+    # their activations instead of recomputing them (spends memory for speed; 0 = checkpoint all).
+    checkpoint_skip: int = 0
     # Long context: run each decoder MLP over tiles of this many tokens, each checkpointed, so only one
     # tile's MLP activations exist at a time (0 = off). Costs one more MLP forward per step.
     mlp_tile_tokens: int = 0
@@ -231,6 +234,8 @@ class TrainConfig:
             raise DeftuneError(f"train.warmup must be >= 0, got {self.warmup}")
         if len(self.betas) != 2:
             raise DeftuneError(f"train.betas must hold two numbers, got {self.betas}")
+        if self.checkpoint_skip < 0:
+            raise DeftuneError(f"train.checkpoint_skip must be >= 0, got {self.checkpoint_skip}")
         if self.mlp_tile_tokens < 0:
             raise DeftuneError(f"train.mlp_tile_tokens must be >= 0 (0 = off), got {self.mlp_tile_tokens}")
 

@@ -116,13 +116,15 @@ def _offloaded_layer_forward(self, hidden_states, *args, **kwargs):
     return out
 
 
-def wrap_decoder_layers(model: nn.Module) -> int:
-    """Make every decoder layer run through :func:`offloaded_checkpoint` in training. Returns the count.
+def wrap_decoder_layers(model: nn.Module, keep_top: int = 0) -> int:
+    """Make every decoder layer but the ``keep_top`` nearest the output (those keep their activations:
+    ``train.checkpoint_skip``) run through :func:`offloaded_checkpoint` in training. Returns the count.
 
     No device check (CPU runs it with host copies, for tests); training uses
     :func:`enable_offloaded_checkpointing`.
     """
-    layers = decoder_layers(model)
+    layers = list(decoder_layers(model))
+    layers = layers[: len(layers) - keep_top]
     stream = None
     chain = {"last": None}
     for index, layer in enumerate(layers):
@@ -136,8 +138,9 @@ def wrap_decoder_layers(model: nn.Module) -> int:
     return len(layers)
 
 
-def enable_offloaded_checkpointing(model: nn.Module, device: torch.device) -> int:
-    """``train.offload_activations``: checkpoint each decoder layer with its input in pinned CPU memory."""
+def enable_offloaded_checkpointing(model: nn.Module, device: torch.device, keep_top: int = 0) -> int:
+    """``train.offload_activations``: checkpoint each decoder layer (but the top ``keep_top``) with its
+    input in pinned CPU memory."""
     if torch.device(device).type != "cuda":
         raise DeftuneError("train.offload_activations needs a CUDA GPU")
-    return wrap_decoder_layers(model)
+    return wrap_decoder_layers(model, keep_top)
