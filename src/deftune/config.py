@@ -325,7 +325,8 @@ METHODS = ("lora", "full", "esft", "expert-lora")
 @dataclass
 class ExpertsConfig:
     # Named expert selections per domain, as the seed writes them: {cardiology: [0, 1, 5]} (every MoE
-    # layer) or {cardiology: {1: [0, 1], 2: [5]}} (per layer).
+    # layer), {cardiology: {1: [0, 1], 2: [5]}} (per layer) or {cardiology: cardiology.json} (a file
+    # written by `deftune experts`).
     domains: dict = field(default_factory=dict)
     # What methods esft / expert-lora tune: a domain of `experts.domains`, or a selection file written
     # by `deftune experts` (.json).

@@ -353,3 +353,15 @@ def test_grouped_gemm_path_matches_the_loop_on_cuda(mode, monkeypatch):
     for name in g_grads:
         scale = float(l_grads[name].abs().max())
         torch.testing.assert_close(g_grads[name], l_grads[name], rtol=5e-2, atol=5e-2 * scale, msg=name)
+
+
+def test_a_domain_can_name_a_selection_file(tmp_path):
+    from deftune.adapters.experts.select import resolve_selection
+
+    model = _model("deepseek_v3")
+    blocks = moe_blocks(model)
+    path = tmp_path / "cardio.json"
+    path.write_text(json.dumps({"selection": {"1": [0, 5], "2": [7]}}))
+    assert resolve_selection({"cardiology": str(path)}, "cardiology", blocks) == {1: [0, 5], 2: [7]}
+    with pytest.raises(DeftuneError, match="experts.domains.onc: selection file"):
+        resolve_selection({"onc": str(tmp_path / "missing.json")}, "onc", blocks)

@@ -12,8 +12,8 @@ experts) add up to at least p. Scores are normalised per layer as the paper defi
 code normalises across layers instead, which changes how many experts each layer keeps.
 
 A selection is ``{layer: [expert ids]}`` over the MoE layers; recipes name them per domain
-(``experts: {domains: {cardiology: [0, 1, 5]}, select: cardiology}``) or point at a file written by
-``deftune experts``.
+(``experts: {domains: {cardiology: [0, 1, 5], oncology: oncology.json}, select: cardiology}``: ids, or a
+file written by ``deftune experts``) or point ``experts.select`` at such a file directly.
 """
 
 from __future__ import annotations
@@ -220,7 +220,13 @@ def resolve_selection(domains: dict, select: str, blocks: list[MoeBlock]) -> Sel
         raise DeftuneError("experts.select is empty: name a domain of experts.domains "
                            f"({', '.join(map(str, domains)) or 'none defined'}) or a selection file from "
                            "`deftune experts`")
-    if select in domains:
+    if select in domains and isinstance(domains[select], str):
+        # A domain named after a selection file: {cardiology: cardiology.json}.
+        path = Path(domains[select])
+        if not path.is_file():
+            raise DeftuneError(f"experts.domains.{select}: selection file {path} not found")
+        raw, where = read_selection_file(path), str(path)
+    elif select in domains:
         raw = _as_selection(domains[select], f"experts.domains.{select}")
         where = f"experts.domains.{select}"
     elif Path(select).suffix == ".json" or Path(select).is_file():
