@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels (deftune.kernels, NF4 dequantization) are tested through Triton's CPU
+# interpreter. Triton reads TRITON_INTERPRET when a kernel is defined; deftune defines its kernels lazily
+# on first use, so setting it here, when the test session starts, is early enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

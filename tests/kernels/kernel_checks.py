@@ -34,3 +34,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
     """A detached copy of ``t`` as a fresh leaf (one per side of a comparison)."""
     return t.detach().clone().requires_grad_(requires_grad)
+
+
+@pytest.fixture(autouse=True)
+def seeded_triton_path():
+    """Seed, and guard against silently testing the reference against itself (autouse in every module
+    that imports it)."""
+    pytest.importorskip("triton", reason="kernel tests need triton (extra: deftune[kernels])")
+    from deftune.kernels import use_triton
+
+    assert use_triton(torch.empty(1, device=DEVICE)), "kernel tests must dispatch to Triton"
+    torch.manual_seed(0)

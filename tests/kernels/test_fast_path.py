@@ -38,9 +38,9 @@ RMS_NORMS = {"llama": 5, "qwen2": 5, "qwen3": 9, "mistral": 5}
 
 
 @pytest.fixture(autouse=True)
-def _triton_path_is_taken(monkeypatch):
-    """Overrides the kernel folder's guard: on CPU the fast path must run the PyTorch references (the
-    CPU path users get), not Triton's interpreter, which would also make training runs far too slow."""
+def _reference_path_on_cpu(monkeypatch):
+    """On CPU the fast path must run the PyTorch references (the CPU path users get), not Triton's
+    interpreter (which the test session turns on for the kernel tests), also far too slow for training."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.manual_seed(0)

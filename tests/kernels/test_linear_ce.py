@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DEVICE, DTYPES, assert_close, gpu_only, leaf
+from kernel_checks import DEVICE, DTYPES, assert_close, gpu_only, leaf, seeded_triton_path  # noqa: F401
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deftune.kernels.linear_ce import linear_cross_entropy, linear_cross_entropy_reference

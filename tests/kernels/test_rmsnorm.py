@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DEVICE, DTYPES, assert_close, gpu_only, leaf
+from kernel_checks import DEVICE, DTYPES, assert_close, gpu_only, leaf, seeded_triton_path  # noqa: F401
 
 from deftune.kernels.rmsnorm import rms_norm, rms_norm_reference
 
