@@ -87,7 +87,6 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
         apply_fast_path(model)
     if recipe.train.offload_activations:
         from deftune.kernels.offload import enable_offloaded_checkpointing
-
         from deftune.models.arch import num_layers
 
         enable_offloaded_checkpointing(model, device, keep_top=_checked_skip(recipe, num_layers(model)))
@@ -232,17 +231,22 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-    def save_best(folder: Path) -> None:
-        # The best adapter (by eval.plateau_metric) is kept apart from the latest.
+    def save_result(folder: Path) -> Path:
+        """What the method trained: a PEFT adapter (lora), an ESFT patch / expert adapter, or the model."""
         if recipe.method == "lora":
             save_adapter(model, spec, folder, source.name)
         elif recipe.method in ("esft", "expert-lora"):
-            from deftune.adapters.experts import save_result
+            from deftune.adapters import experts
 
-            save_result(model, spec, folder, source.name)
+            experts.save_result(model, spec, folder, source.name)
         else:
             model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        return folder
+
+    def save_best(folder: Path) -> None:
+        # The best result (by eval.plateau_metric) is kept apart from the latest.
+        save_result(folder)
 
     trainer = Trainer(recipe, model, tokenizer, data, run_dir, device, progress=progress, on_best=save_best,
                       callbacks=training_callbacks(recipe, model))
@@ -256,17 +260,8 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
             print("LoRA ranks per module (0 = dropped):\n" + format_ranks(cb.final_ranks()))
     final_trainable, _ = count_params(model)
 
-    if recipe.method == "lora":
-        out = save_adapter(model, spec, run_dir / "adapter", source.name)
-    elif recipe.method in ("esft", "expert-lora"):
-        from deftune.adapters.experts import save_result
-
-        # ESFT: a sparse patch of the changed experts; expert-lora: the expert adapter.
-        out = save_result(model, spec, run_dir / recipe.method, source.name)
-    else:
-        out = run_dir / "model"
-        model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    # lora -> adapter/, full -> model/, esft -> esft/ (sparse patch), expert-lora -> expert-lora/.
+    out = save_result(run_dir / {"lora": "adapter", "full": "model"}.get(recipe.method, recipe.method))
     if checkpointing:
         model.gradient_checkpointing_disable()
         model.config.use_cache = True
