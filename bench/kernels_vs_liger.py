@@ -84,13 +84,19 @@ def ops_for(shape: dict) -> list[dict]:
         def run():
             x.grad = None
             f().backward(g)
+
         return run
 
-    rows.append(race("rms_norm (frozen weight)", {
-        "deftune": fb(lambda: rms_norm(x, w, 1e-5)),
-        "liger": fb(lambda: liger_norm(x)),
-        "torch": fb(lambda: rms_norm_reference(x, w, 1e-5)),
-    }))
+    rows.append(
+        race(
+            "rms_norm (frozen weight)",
+            {
+                "deftune": fb(lambda: rms_norm(x, w, 1e-5)),
+                "liger": fb(lambda: liger_norm(x)),
+                "torch": fb(lambda: rms_norm_reference(x, w, 1e-5)),
+            },
+        )
+    )
 
     # RoPE on Q and K.
     b, t = n // 2048, 2048
@@ -105,13 +111,19 @@ def ops_for(shape: dict) -> list[dict]:
             q.grad = k.grad = None
             qo, ko = f(q, k, cos, sin)
             torch.autograd.backward([qo, ko], [gq, gk])
+
         return run
 
-    rows.append(race("rope_qk", {
-        "deftune": rope_run(rope_qk),
-        "liger": rope_run(lambda a, b_, c, s: liger.liger_rotary_pos_emb(a, b_, c, s)),
-        "torch": rope_run(rope_qk_reference),
-    }))
+    rows.append(
+        race(
+            "rope_qk",
+            {
+                "deftune": rope_run(rope_qk),
+                "liger": rope_run(lambda a, b_, c, s: liger.liger_rotary_pos_emb(a, b_, c, s)),
+                "torch": rope_run(rope_qk_reference),
+            },
+        )
+    )
 
     # SwiGLU.
     gate = torch.randn(n, inter, device=dev, dtype=bf16, requires_grad=True)
@@ -122,13 +134,19 @@ def ops_for(shape: dict) -> list[dict]:
         def run():
             gate.grad = up.grad = None
             f(gate, up).backward(gg)
+
         return run
 
-    rows.append(race("swiglu", {
-        "deftune": glu_run(swiglu),
-        "liger": glu_run(lambda a, b_: LigerSiLUMulFunction.apply(a, b_)),
-        "torch": glu_run(swiglu_reference),
-    }))
+    rows.append(
+        race(
+            "swiglu",
+            {
+                "deftune": glu_run(swiglu),
+                "liger": glu_run(lambda a, b_: LigerSiLUMulFunction.apply(a, b_)),
+                "torch": glu_run(swiglu_reference),
+            },
+        )
+    )
 
     # LM head + cross-entropy, frozen head.
     hid = torch.randn(n, h, device=dev, dtype=bf16, requires_grad=True)
@@ -140,13 +158,19 @@ def ops_for(shape: dict) -> list[dict]:
         def run():
             hid.grad = None
             f().backward()
+
         return run
 
-    rows.append(race("linear_cross_entropy (frozen head)", {
-        "deftune": ce_run(lambda: linear_cross_entropy(hid, head, target, reduction="mean")),
-        "liger": ce_run(lambda: liger_ce(head, hid, target)),
-        "torch": ce_run(lambda: linear_cross_entropy_reference(hid, head, target, reduction="mean")),
-    }))
+    rows.append(
+        race(
+            "linear_cross_entropy (frozen head)",
+            {
+                "deftune": ce_run(lambda: linear_cross_entropy(hid, head, target, reduction="mean")),
+                "liger": ce_run(lambda: liger_ce(head, hid, target)),
+                "torch": ce_run(lambda: linear_cross_entropy_reference(hid, head, target, reduction="mean")),
+            },
+        )
+    )
     return rows
 
 
@@ -167,8 +191,13 @@ def main() -> None:
         versions["triton"] = md.version("triton")
     except Exception:
         pass
-    result = {"benchmark": "kernels_vs_liger: forward+backward per op, bf16", "date": time.strftime("%Y-%m-%d"),
-              "card": torch.cuda.get_device_name(0), "versions": versions, "shapes": {}}
+    result = {
+        "benchmark": "kernels_vs_liger: forward+backward per op, bf16",
+        "date": time.strftime("%Y-%m-%d"),
+        "card": torch.cuda.get_device_name(0),
+        "versions": versions,
+        "shapes": {},
+    }
     for name in args.shapes.split(","):
         result["shapes"][name] = ops_for(SHAPES[name])
         for row in result["shapes"][name]:

@@ -44,11 +44,23 @@ def run_deftune(folder: str, data, args) -> tuple[list[float], dict, torch.nn.Mo
     from deftune.train.loss import response_loss_sum
 
     offload = args.device == "cuda"
-    recipe = load_recipe(None, [
-        f"model={folder}", f"device={args.device}", "method=lora", "model.attn_implementation=sdpa",
-        "adapter.targets=all-linear", "adapter.rank=16", "adapter.alpha=16", "adapter.dropout=0",
-        "model.fast=true", "train.gradient_checkpointing=true", f"train.offload_activations={'true' if offload else 'false'}",
-        f"model.dtype={'bfloat16' if args.device == 'cuda' else 'float32'}"])
+    recipe = load_recipe(
+        None,
+        [
+            f"model={folder}",
+            f"device={args.device}",
+            "method=lora",
+            "model.attn_implementation=sdpa",
+            "adapter.targets=all-linear",
+            "adapter.rank=16",
+            "adapter.alpha=16",
+            "adapter.dropout=0",
+            "model.fast=true",
+            "train.gradient_checkpointing=true",
+            f"train.offload_activations={'true' if offload else 'false'}",
+            f"model.dtype={'bfloat16' if args.device == 'cuda' else 'float32'}",
+        ],
+    )
     device = torch.device(args.device)
     model, _, _ = load_model(recipe.model, device)
     torch.manual_seed(0)
@@ -77,8 +89,12 @@ def run_peft(folder: str, data, init: dict, args) -> tuple[list[float], torch.nn
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(args.device)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(
+        args.device
+    )
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    )
     copied = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -141,7 +157,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(args.device)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(
+        args.device
+    )
     loaded = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
         peft_logits = loaded(input_ids=probe).logits.float()
@@ -151,11 +169,22 @@ def main() -> None:
         "benchmark": "loss_parity: deftune fast path vs HF+PEFT, same init/data/seed, LoRA r16 all-linear",
         "date": time.strftime("%Y-%m-%d"),
         "card": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        "versions": versions(), "shape": args.shape, "steps": args.steps, "bs": args.bs, "seq": args.seq,
-        "lr": args.lr, "deftune_losses": [round(x, 5) for x in ours], "peft_losses": [round(x, 5) for x in theirs],
-        "max_rel_diff": round(max(rel), 5), "mean_rel_diff": round(sum(rel) / len(rel), 5),
-        "parity_within_1pct": max(rel) <= 0.01, "seconds": {"deftune": round(t_ours, 1), "peft": round(t_theirs, 1)},
-        "peft_loads_adapter": {"max_abs_logit_diff": round(logit_diff, 5), "max_abs_logit": round(logit_scale, 3)},
+        "versions": versions(),
+        "shape": args.shape,
+        "steps": args.steps,
+        "bs": args.bs,
+        "seq": args.seq,
+        "lr": args.lr,
+        "deftune_losses": [round(x, 5) for x in ours],
+        "peft_losses": [round(x, 5) for x in theirs],
+        "max_rel_diff": round(max(rel), 5),
+        "mean_rel_diff": round(sum(rel) / len(rel), 5),
+        "parity_within_1pct": max(rel) <= 0.01,
+        "seconds": {"deftune": round(t_ours, 1), "peft": round(t_theirs, 1)},
+        "peft_loads_adapter": {
+            "max_abs_logit_diff": round(logit_diff, 5),
+            "max_abs_logit": round(logit_scale, 3),
+        },
         "command": f"PYTHONPATH=$PWD/src python bench/loss_parity.py --shape {args.shape}",
     }
     out = Path(os.environ["OUT"]) / Path(args.out).name if os.environ.get("OUT") else Path(args.out)

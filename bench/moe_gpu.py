@@ -31,17 +31,48 @@ import torch
 def ds_v2_lite_config(tiny: bool = False):
     from transformers import DeepseekV2Config
 
-    shape = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-                 num_hidden_layers=27, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                 v_head_dim=128, num_attention_heads=16, num_key_value_heads=16)
+    shape = dict(
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
     if tiny:  # CPU smoke test of this script's own path
-        shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                     num_hidden_layers=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                     v_head_dim=8, num_attention_heads=4, num_key_value_heads=4)
+        shape = dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
     return DeepseekV2Config(
-        **shape, first_k_dense_replace=1, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-        q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
-        norm_topk_prob=False, max_position_embeddings=4096, tie_word_embeddings=False)
+        **shape,
+        first_k_dense_replace=1,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        q_lora_rank=None,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
 
 
 def run_deftune(args) -> dict:
@@ -56,21 +87,28 @@ def run_deftune(args) -> dict:
     torch.manual_seed(0)
     t0 = time.time()
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 experts_implementation="grouped_mm")
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation="sdpa", experts_implementation="grouped_mm"
+        )
     init_s = time.time() - t0
     n_exp = cfg.n_routed_experts
     k = max(1, round(args.expert_fraction * n_exp))
     rng = random.Random(0)
     # A seeded random pick stands in for a domain selection: with random weights routing is near uniform.
-    selection = {layer: sorted(rng.sample(range(n_exp), k))
-                 for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers)}
-    recipe = recipe_from_dict({
-        "method": "expert-lora", "device": dev, "model": {"fast": bool(args.fast)},
-        "train": {"gradient_checkpointing": True, "checkpoint_skip": args.checkpoint_skip},
-        "adapter": {"rank": args.rank, "alpha": args.rank, "dropout": 0.0},
-        "experts": {"domains": {"bench": selection}, "select": "bench", "also": "attention"},
-    })
+    selection = {
+        layer: sorted(rng.sample(range(n_exp), k))
+        for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    }
+    recipe = recipe_from_dict(
+        {
+            "method": "expert-lora",
+            "device": dev,
+            "model": {"fast": bool(args.fast)},
+            "train": {"gradient_checkpointing": True, "checkpoint_skip": args.checkpoint_skip},
+            "adapter": {"rank": args.rank, "alpha": args.rank, "dropout": 0.0},
+            "experts": {"domains": {"bench": selection}, "select": "bench", "also": "attention"},
+        }
+    )
     device = torch.device(dev)
     prepare_model(recipe, model, device)
     enable_checkpointing(recipe, model)  # as api.train does
@@ -99,12 +137,24 @@ def run_deftune(args) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(round(float(loss_sum.detach()) / n, 4))
     step = statistics.median(times[3:])
-    return dict(framework="deftune", method="expert-lora", fast=args.fast, checkpoint_skip=args.checkpoint_skip, expert_fraction=k / n_exp,
-                experts_per_layer=k, also="attention", seq=args.seq, bs=args.bs, rank=args.rank,
-                trainable_m=round(n_train / 1e6, 2), init_s=round(init_s, 1), step_s=round(step, 4),
-                tok_s=round(args.bs * args.seq / step),
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
-                losses=losses)
+    return dict(
+        framework="deftune",
+        method="expert-lora",
+        fast=args.fast,
+        checkpoint_skip=args.checkpoint_skip,
+        expert_fraction=k / n_exp,
+        experts_per_layer=k,
+        also="attention",
+        seq=args.seq,
+        bs=args.bs,
+        rank=args.rank,
+        trainable_m=round(n_train / 1e6, 2),
+        init_s=round(init_s, 1),
+        step_s=round(step, 4),
+        tok_s=round(args.bs * args.seq / step),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
+        losses=losses,
+    )
 
 
 def run_child(cmd: list[str], timeout: int) -> dict:
@@ -120,7 +170,9 @@ def run_child(cmd: list[str], timeout: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--anchor", default="", help="path to a copy of ../shared/bench/anchor_moe.py (HF + PEFT)")
+    ap.add_argument(
+        "--anchor", default="", help="path to a copy of ../shared/bench/anchor_moe.py (HF + PEFT)"
+    )
     ap.add_argument("--out", default="bench/results/moe_gpu.json")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--bs", type=int, default=4)
@@ -128,7 +180,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--expert-fraction", type=float, default=0.1)
     ap.add_argument("--fast", type=int, default=1)
-    ap.add_argument("--checkpoint-skip", type=int, default=0, help="train.checkpoint_skip (top layers not recomputed)")
+    ap.add_argument(
+        "--checkpoint-skip", type=int, default=0, help="train.checkpoint_skip (top layers not recomputed)"
+    )
     ap.add_argument("--child", action="store_true", help="run one deftune configuration and print JSON")
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test of the deftune path)")
     ap.add_argument("--configs", default="fast,plain,hf-attn,hf-all")
@@ -139,14 +193,38 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("moe_gpu.py needs a CUDA GPU")
-    import transformers
     import peft
+    import transformers
 
-    me = [sys.executable, __file__, "--child", "--seq", str(args.seq), "--bs", str(args.bs), "--rank",
-          str(args.rank), "--steps", str(args.steps), "--checkpoint-skip", str(args.checkpoint_skip),
-          "--expert-fraction", str(args.expert_fraction)]
-    hf = [sys.executable, args.anchor, "--seq", str(args.seq), "--bs", str(args.bs), "--rank", str(args.rank),
-          "--steps", str(args.steps)]
+    me = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--seq",
+        str(args.seq),
+        "--bs",
+        str(args.bs),
+        "--rank",
+        str(args.rank),
+        "--steps",
+        str(args.steps),
+        "--checkpoint-skip",
+        str(args.checkpoint_skip),
+        "--expert-fraction",
+        str(args.expert_fraction),
+    ]
+    hf = [
+        sys.executable,
+        args.anchor,
+        "--seq",
+        str(args.seq),
+        "--bs",
+        str(args.bs),
+        "--rank",
+        str(args.rank),
+        "--steps",
+        str(args.steps),
+    ]
     plan = {
         "fast": me + ["--fast", "1"],
         "plain": me + ["--fast", "0"],
@@ -169,9 +247,13 @@ def main() -> None:
             print(rows[name]["stderr"][-1500:], flush=True)
     result = {
         "benchmark": "moe_gpu: DeepSeek-V2-Lite shape, seq 2048 x batch 4, LoRA r16 on attention (+ experts)",
-        "date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name(0),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "card": torch.cuda.get_device_name(0),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
         "command": "PYTHONPATH=$PWD/src python bench/moe_gpu.py --anchor .gpu/anchor_moe.py",
         "runs": rows,
     }
@@ -182,7 +264,8 @@ def main() -> None:
         result["targets"] = {
             "vs_hf_attention_only": round(ours["tok_s"] / hf_attn, 3),
             "peak_le_hf_attention_only": ours["peak_gib"] <= rows["hf-attn"]["peak_gib"],
-            "met_at_least_hf_attention_only": ours["tok_s"] >= hf_attn and ours["peak_gib"] <= rows["hf-attn"]["peak_gib"],
+            "met_at_least_hf_attention_only": ours["tok_s"] >= hf_attn
+            and ours["peak_gib"] <= rows["hf-attn"]["peak_gib"],
             "vs_hf_all_experts": round(ours["tok_s"] / hf_all, 3) if hf_all else None,
             "goal_2x_all_experts_met": bool(hf_all and ours["tok_s"] >= 2 * hf_all),
         }

@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler over deftune's fast path on a Llama shape.
 
-    PYTHONPATH=$PWD/src python bench/profile_step.py --shape llama-1b --bs 8 --out bench/results/profile_llama-1b.json
+    PYTHONPATH=$PWD/src python bench/profile_step.py --shape llama-1b --bs 8 \
+        --out bench/results/profile_llama-1b.json
 
 Same workload as bench/gpu_peers.py's "deftune fast" row (model.fast + train.offload_activations, LoRA
 r=16 all-linear, seq 2048); 3 warm-up steps, then 2 profiled steps. Writes the top CUDA kernels by total
@@ -40,9 +41,20 @@ def main() -> None:
 
     folder = tempfile.mkdtemp(prefix="profile_")
     make_model_folder(args.shape, folder)
-    recipe = load_recipe(None, [f"model={folder}", "device=cuda", "model.attn_implementation=sdpa",
-                                "adapter.targets=all-linear", "adapter.rank=16", "adapter.alpha=16",
-                                "adapter.dropout=0", "model.fast=true", "train.offload_activations=true"])
+    recipe = load_recipe(
+        None,
+        [
+            f"model={folder}",
+            "device=cuda",
+            "model.attn_implementation=sdpa",
+            "adapter.targets=all-linear",
+            "adapter.rank=16",
+            "adapter.alpha=16",
+            "adapter.dropout=0",
+            "model.fast=true",
+            "train.offload_activations=true",
+        ],
+    )
     device = torch.device("cuda")
     model, _, _ = load_model(recipe.model, device)
     prepare_model(recipe, model, device)
@@ -77,18 +89,31 @@ def main() -> None:
             rows.append((evt.key, dev_t / 2 / 1e3, evt.count // 2))
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    top = [{"kernel": k[:160], "ms_per_step": round(ms, 3), "share": round(ms / total, 4), "calls_per_step": c}
-           for k, ms, c in rows[: args.top]]
-    result = {"benchmark": "profile_step: GPU time by kernel, deftune fast + offload", "date": time.strftime("%Y-%m-%d"),
-              "card": torch.cuda.get_device_name(0), "versions": versions(), "shape": args.shape, "bs": args.bs,
-              "seq": args.seq, "wall_ms_per_step": round(wall * 1e3, 1), "gpu_ms_per_step": round(total, 1),
-              "top": top}
+    top = [
+        {"kernel": k[:160], "ms_per_step": round(ms, 3), "share": round(ms / total, 4), "calls_per_step": c}
+        for k, ms, c in rows[: args.top]
+    ]
+    result = {
+        "benchmark": "profile_step: GPU time by kernel, deftune fast + offload",
+        "date": time.strftime("%Y-%m-%d"),
+        "card": torch.cuda.get_device_name(0),
+        "versions": versions(),
+        "shape": args.shape,
+        "bs": args.bs,
+        "seq": args.seq,
+        "wall_ms_per_step": round(wall * 1e3, 1),
+        "gpu_ms_per_step": round(total, 1),
+        "top": top,
+    }
     out = Path(os.environ["OUT"]) / Path(args.out).name if os.environ.get("OUT") else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wall {wall * 1e3:.1f} ms/step, GPU busy {total:.1f} ms/step")
     for r in top:
-        print(f"{r['ms_per_step']:9.3f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5d} {r['kernel'][:110]}")
+        print(
+            f"{r['ms_per_step']:9.3f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5d} "
+            f"{r['kernel'][:110]}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -22,7 +21,13 @@ import torch
 from torch import nn
 
 from deftune.config import (
-    Recipe, _set_dotted, load_recipe, parse_override, recipe_from_dict, recipe_to_dict, save_recipe,
+    Recipe,
+    _set_dotted,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+    recipe_to_dict,
+    save_recipe,
 )
 from deftune.errors import DeftuneError
 

@@ -6,11 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from torch import nn
 
-from conftest import tiny_recipe
 from deftune.adapters.dynamic_rank import (
-    DynamicRankCallback, allocate_ranks, format_ranks, from_recipe, make_budget,
+    DynamicRankCallback,
+    allocate_ranks,
+    format_ranks,
+    from_recipe,
+    make_budget,
 )
 from deftune.adapters.lora.layer import LoRALinear, best_rank_factors
 from deftune.adapters.lora.model import attach_lora, lora_modules

@@ -83,26 +83,57 @@ def setup(tmp_path_factory):
 
 
 def _recipe(s, out: Path, method: str, experts: dict, adapter: dict | None = None):
-    return recipe_from_dict({
-        "method": method, "device": "cpu", "output_dir": str(out), "model": {"path": str(s["base"])},
-        "data": {"train": str(s["a_train"]), "eval": str(s["a_eval"]), "template": "{query}", "max_length": 32},
-        "adapter": adapter or {"rank": 4, "alpha": 8.0},
-        "experts": experts,
-        "train": {"max_steps": 40, "lr": 5e-2, "micro_batch": 8, "grad_accum": 1, "warmup": 0,
-                  "schedule": "constant", "save_every": 0, "seed": 0},
-        "eval": {"samples": 0, "show_examples": 0},
-        "monitor": {"tensorboard": False, "report": False, "guard": "off"},
-    })
+    return recipe_from_dict(
+        {
+            "method": method,
+            "device": "cpu",
+            "output_dir": str(out),
+            "model": {"path": str(s["base"])},
+            "data": {
+                "train": str(s["a_train"]),
+                "eval": str(s["a_eval"]),
+                "template": "{query}",
+                "max_length": 32,
+            },
+            "adapter": adapter or {"rank": 4, "alpha": 8.0},
+            "experts": experts,
+            "train": {
+                "max_steps": 40,
+                "lr": 5e-2,
+                "micro_batch": 8,
+                "grad_accum": 1,
+                "warmup": 0,
+                "schedule": "constant",
+                "save_every": 0,
+                "seed": 0,
+            },
+            "eval": {"samples": 0, "show_examples": 0},
+            "monitor": {"tensorboard": False, "report": False, "guard": "off"},
+        }
+    )
 
 
 def _b_loss(target, s) -> float:
-    return api.evaluate(str(target), str(s["b_eval"]), "cpu", ["data.template={query}", "eval.samples=0"])["eval_loss"]
+    return api.evaluate(str(target), str(s["b_eval"]), "cpu", ["data.template={query}", "eval.samples=0"])[
+        "eval_loss"
+    ]
 
 
 def test_experts_verb_recovers_the_planted_experts(setup, tmp_path, capsys):
     out = tmp_path / "a_experts.json"
-    code = cli.main(["experts", str(setup["base"]), "--data", str(setup["a_train"]), "--top-p", "0.6",
-                     "--out", str(out), "data.template={query}"])
+    code = cli.main(
+        [
+            "experts",
+            str(setup["base"]),
+            "--data",
+            str(setup["a_train"]),
+            "--top-p",
+            "0.6",
+            "--out",
+            str(out),
+            "data.template={query}",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "token selection ratio" in printed and "Selected 4 of 16" in printed
@@ -117,8 +148,22 @@ def test_experts_verb_recovers_the_planted_experts(setup, tmp_path, capsys):
 
 def test_esft_improves_the_domain_and_spares_the_other(setup, tmp_path):
     selection = tmp_path / "a.json"
-    assert cli.main(["experts", str(setup["base"]), "--data", str(setup["a_train"]), "--top-p", "0.6",
-                     "--out", str(selection), "data.template={query}"]) == 0
+    assert (
+        cli.main(
+            [
+                "experts",
+                str(setup["base"]),
+                "--data",
+                str(setup["a_train"]),
+                "--top-p",
+                "0.6",
+                "--out",
+                str(selection),
+                "data.template={query}",
+            ]
+        )
+        == 0
+    )
     esft = api.train(_recipe(setup, tmp_path / "esft", "esft", {"select": str(selection)}), progress=False)
     every = {"domains": {"all": list(range(8))}, "select": "all", "also": "attention", "train_router": True}
     full = api.train(_recipe(setup, tmp_path / "full", "esft", every), progress=False)

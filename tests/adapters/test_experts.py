@@ -57,17 +57,30 @@ def _data(path: Path, n: int = 32) -> Path:
 
 def _recipe(model_dir, data, out, method, select="d", domains=None, **over):
     tree = {
-        "method": method, "device": "cpu", "output_dir": str(out), "model": {"path": str(model_dir)},
+        "method": method,
+        "device": "cpu",
+        "output_dir": str(out),
+        "model": {"path": str(model_dir)},
         "data": {"train": str(data), "eval_fraction": 0.2, "max_length": 48},
         "adapter": {"rank": 4, "alpha": 8.0},
         "experts": {"domains": domains or {"d": [1, 6]}, "select": select},
-        "train": {"max_steps": 4, "lr": 5e-2, "micro_batch": 4, "grad_accum": 1, "warmup": 0,
-                  "schedule": "constant", "log_every": 1, "save_every": 2},
+        "train": {
+            "max_steps": 4,
+            "lr": 5e-2,
+            "micro_batch": 4,
+            "grad_accum": 1,
+            "warmup": 0,
+            "schedule": "constant",
+            "log_every": 1,
+            "save_every": 2,
+        },
         "eval": {"samples": 0, "show_examples": 0},
         "monitor": {"tensorboard": False, "report": False},
     }
     for section, values in over.items():
-        tree.setdefault(section, {}).update(values) if isinstance(values, dict) else tree.update({section: values})
+        tree.setdefault(section, {}).update(values) if isinstance(values, dict) else tree.update(
+            {section: values}
+        )
     return recipe_from_dict(tree)
 
 
@@ -179,16 +192,20 @@ def test_merged_folder_loads_with_the_runs_logits(method, ds_dir, data_file, tmp
 
 
 def test_esft_patch_holds_only_the_selected_slices(ds_dir, data_file, tmp_path):
-    summary = api.train(_recipe(ds_dir, data_file, tmp_path / "run", "esft",
-                                domains={"d": {1: [0, 5], 2: [7]}}), progress=False)
+    summary = api.train(
+        _recipe(ds_dir, data_file, tmp_path / "run", "esft", domains={"d": {1: [0, 5], 2: [7]}}),
+        progress=False,
+    )
     folder = Path(summary.output)
     meta = json.loads((folder / "esft_patch.json").read_text())
     assert meta["selection"] == {"1": [0, 5], "2": [7]}
     with safe_open(str(folder / "esft_patch.safetensors"), "pt") as fh:
         shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     assert shapes == {
-        "model.layers.1.mlp.experts.gate_up_proj": (2, 32, 32), "model.layers.1.mlp.experts.down_proj": (2, 32, 16),
-        "model.layers.2.mlp.experts.gate_up_proj": (1, 32, 32), "model.layers.2.mlp.experts.down_proj": (1, 32, 16),
+        "model.layers.1.mlp.experts.gate_up_proj": (2, 32, 32),
+        "model.layers.1.mlp.experts.down_proj": (2, 32, 16),
+        "model.layers.2.mlp.experts.gate_up_proj": (1, 32, 32),
+        "model.layers.2.mlp.experts.down_proj": (1, 32, 16),
     }
 
 
@@ -196,8 +213,9 @@ def test_optimizer_state_covers_only_the_selected_slices(ds_dir):
     from deftune.train.optim import param_groups
 
     recipe = _recipe(ds_dir, "demo", "unused", "esft", domains={"d": [2, 3]})
-    model, _, _ = __import__("deftune.models.load", fromlist=["load_model"]).load_model(recipe.model,
-                                                                                          torch.device("cpu"))
+    model, _, _ = __import__("deftune.models.load", fromlist=["load_model"]).load_model(
+        recipe.model, torch.device("cpu")
+    )
     X.prepare(recipe, model, torch.device("cpu"))
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
     model(torch.randint(3, 300, (2, 9)), labels=torch.randint(3, 300, (2, 9))).loss.backward()
@@ -212,23 +230,39 @@ def test_optimizer_state_covers_only_the_selected_slices(ds_dir):
 
 
 def test_router_is_trained_only_when_asked(ds_dir, data_file, tmp_path):
-    summary = api.train(_recipe(ds_dir, data_file, tmp_path / "run", "esft",
-                                experts={"domains": {"d": [1]}, "select": "d", "train_router": True}),
-                        progress=False)
+    summary = api.train(
+        _recipe(
+            ds_dir,
+            data_file,
+            tmp_path / "run",
+            "esft",
+            experts={"domains": {"d": [1]}, "select": "d", "train_router": True},
+        ),
+        progress=False,
+    )
     meta = json.loads((Path(summary.output) / "esft_patch.json").read_text())
     assert sorted(meta["full"]) == ["model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight"]
 
 
 def test_expert_lora_with_attention_and_shared_experts(ds_dir, data_file, tmp_path):
-    summary = api.train(_recipe(ds_dir, data_file, tmp_path / "run", "expert-lora",
-                                experts={"domains": {"d": [1]}, "select": "d", "also": "attention+shared"}),
-                        progress=False)
+    summary = api.train(
+        _recipe(
+            ds_dir,
+            data_file,
+            tmp_path / "run",
+            "expert-lora",
+            experts={"domains": {"d": [1]}, "select": "d", "also": "attention+shared"},
+        ),
+        progress=False,
+    )
     folder = Path(summary.output)
     config = json.loads((folder / "adapter_config.json").read_text())
     targets = set(config["target_modules"]) if isinstance(config["target_modules"], list) else set()
     assert any("shared_experts" in t for t in targets) and any("self_attn" in t for t in targets)
     tuned, _, _ = api.load_for_inference(summary.run_dir, "cpu")
-    merged = transformers.AutoModelForCausalLM.from_pretrained(api.merge(summary.run_dir, str(tmp_path / "m")))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        api.merge(summary.run_dir, str(tmp_path / "m"))
+    )
     ids = torch.randint(3, 300, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
@@ -245,25 +279,30 @@ def test_resume_restores_expert_training_exactly(ds_dir, data_file, tmp_path, mo
     with pytest.raises(TrainingInterrupted):
         api.train(_recipe(ds_dir, data_file, tmp_path / "b", "expert-lora"), progress=False)
     wired.stop_at = None
-    resumed = api.train(_recipe(ds_dir, data_file, tmp_path / "b", "expert-lora", train={"resume": "auto"}),
-                        progress=False)
+    resumed = api.train(
+        _recipe(ds_dir, data_file, tmp_path / "b", "expert-lora", train={"resume": "auto"}), progress=False
+    )
 
     def losses(run):
         rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
     a, b = losses(full.run_dir), losses(resumed.run_dir)
     assert resumed.steps == 4
     for step in (3, 4):
         assert a[step] == pytest.approx(b[step], rel=1e-5)
 
 
-@pytest.mark.parametrize("domains,select,message", [
-    ({"d": [1]}, "cardio", "neither a domain"),
-    ({"d": [9]}, "d", "out of range"),
-    ({"d": {0: [1]}}, "d", "layer 0 has no routed experts"),
-    ({"d": [1]}, "", "needs experts.select"),
-    ({"d": [1]}, "missing.json", "not found"),
-])
+@pytest.mark.parametrize(
+    "domains,select,message",
+    [
+        ({"d": [1]}, "cardio", "neither a domain"),
+        ({"d": [9]}, "d", "out of range"),
+        ({"d": {0: [1]}}, "d", "layer 0 has no routed experts"),
+        ({"d": [1]}, "", "needs experts.select"),
+        ({"d": [1]}, "missing.json", "not found"),
+    ],
+)
 def test_bad_selections_fail_naming_the_key(ds_dir, domains, select, message):
     model = _model("deepseek_v3")
     # Names are checked when the recipe is read, ids and layers once the model is known.
@@ -281,13 +320,16 @@ def test_expert_methods_refuse_a_dense_model(tiny_llama_dir):
 
 def test_recipe_keys_are_checked():
     with pytest.raises(DeftuneError, match="experts.also"):
-        recipe_from_dict({"method": "esft", "experts": {"also": "attn", "domains": {"d": [1]}, "select": "d"}})
+        recipe_from_dict(
+            {"method": "esft", "experts": {"also": "attn", "domains": {"d": [1]}, "select": "d"}}
+        )
     with pytest.raises(DeftuneError, match="train_router"):
         recipe_from_dict({"method": "expert-lora", "experts": {"train_router": True, "select": "x.json"}})
     with pytest.raises(DeftuneError, match="method must be one of"):
         recipe_from_dict({"method": "esfft"})
-    r = recipe_from_dict({"method": "esft", "experts": {"domains": "{cardiology: [0, 1, 5]}",
-                                                        "select": "cardiology"}})
+    r = recipe_from_dict(
+        {"method": "esft", "experts": {"domains": "{cardiology: [0, 1, 5]}", "select": "cardiology"}}
+    )
     assert r.experts.domains == {"cardiology": [0, 1, 5]}
 
 
@@ -299,8 +341,14 @@ def test_fast_path_on_a_moe_model_fuses_norms_lora_and_head_and_keeps_the_loss(d
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     losses, logs = [], []
     for fast in (False, True):
-        recipe = _recipe(ds_dir, "demo", "unused", "expert-lora", model={"path": str(ds_dir), "fast": fast},
-                         experts={"domains": {"d": [1, 2]}, "select": "d", "also": "attention"})
+        recipe = _recipe(
+            ds_dir,
+            "demo",
+            "unused",
+            "expert-lora",
+            model={"path": str(ds_dir), "fast": fast},
+            experts={"domains": {"d": [1, 2]}, "select": "d", "also": "attention"},
+        )
         model, _, _ = load_model(recipe.model, torch.device("cpu"))
         torch.manual_seed(0)
         X.prepare(recipe, model, torch.device("cpu"))
@@ -313,8 +361,13 @@ def test_fast_path_on_a_moe_model_fuses_norms_lora_and_head_and_keeps_the_loss(d
         losses.append((loss.item(), model.model.layers[1].mlp.experts.lora_gate_up_A.grad.clone()))
     # 3 layers: 2 norms each + final norm + MLA's q_a / kv_a norms (2 per layer); MLA has 5 projections
     # (q_a, q_b, kv_a_with_mqa, kv_b, o).
-    assert counts == {"rms_norm": 3 * 2 + 1 + 3 * 2, "rope": 0, "swiglu": 0, "lora_linear": 3 * 5,
-                      "linear_cross_entropy": 1}
+    assert counts == {
+        "rms_norm": 3 * 2 + 1 + 3 * 2,
+        "rope": 0,
+        "swiglu": 0,
+        "lora_linear": 3 * 5,
+        "linear_cross_entropy": 1,
+    }
     assert "MoE" in logs[0] and "attention and RoPE stay" in logs[0]
     assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
     torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-4, atol=1e-6)
@@ -343,7 +396,9 @@ def test_grouped_gemm_path_matches_the_loop_on_cuda(mode, monkeypatch):
         experts.zero_grad(set_to_none=True)
         out = experts(h, index, weights)
         out.float().pow(2).sum().backward()
-        return out.detach().float(), {n: p.grad.float() for n, p in experts.named_parameters() if p.requires_grad}
+        return out.detach().float(), {
+            n: p.grad.float() for n, p in experts.named_parameters() if p.requires_grad
+        }
 
     assert expert_layer._grouped_mm_available(h, experts.gate_up_proj)
     grouped, g_grads = run()
@@ -365,3 +420,24 @@ def test_a_domain_can_name_a_selection_file(tmp_path):
     assert resolve_selection({"cardiology": str(path)}, "cardiology", blocks) == {1: [0, 5], 2: [7]}
     with pytest.raises(DeftuneError, match="experts.domains.onc: selection file"):
         resolve_selection({"onc": str(tmp_path / "missing.json")}, "onc", blocks)
+
+
+def test_expert_lora_over_a_4bit_base_trains_and_merges(ds_dir, data_file, tmp_path):
+    """QLoRA-style: attention in NF4 with LoRA, experts in their dtype with expert-LoRA; the merge is a
+    plain folder with the run's logits (dequantized attention + s B A, experts + s B_e A_e)."""
+    recipe = _recipe(
+        ds_dir,
+        data_file,
+        tmp_path / "run",
+        "expert-lora",
+        model={"path": str(ds_dir), "quantize": "nf4"},
+        experts={"domains": {"d": [1, 2]}, "select": "d", "also": "attention"},
+    )
+    summary = api.train(recipe, progress=False)
+    tuned, _, _ = api.load_for_inference(summary.run_dir, "cpu")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        api.merge(summary.run_dir, str(tmp_path / "m"))
+    )
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)

@@ -5,8 +5,8 @@ from fnmatch import fnmatchcase
 
 import pytest
 import torch
-
 from conftest import tiny_recipe, wire_trainer
+
 from deftune.adapters import masks
 from deftune.adapters.masks import top_k_mask
 from deftune.api import train

@@ -14,11 +14,20 @@ from deftune.adapters.peft_format import load_adapter, save_adapter
 from deftune.config import ModelConfig
 from deftune.errors import DeftuneError
 from deftune.kernels.nf4 import (
-    BLOCK_SIZE, NF4_CODE_VALUES, dequantize_nf4, dequantize_nf4_reference, pack_nibbles, unpack_nibbles,
+    BLOCK_SIZE,
+    NF4_CODE_VALUES,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    pack_nibbles,
+    unpack_nibbles,
 )
 from deftune.models.load import load_model
 from deftune.models.quantize import (
-    NF4Linear, dequantize_absmax, quantize_absmax, quantize_model, quantize_nf4,
+    NF4Linear,
+    dequantize_absmax,
+    quantize_absmax,
+    quantize_model,
+    quantize_nf4,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

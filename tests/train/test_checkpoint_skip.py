@@ -18,8 +18,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _model(layers: int = 3):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     attach_lora(model, "all-linear", "all", rank=4, alpha=8)
     return model.train()
@@ -38,8 +44,15 @@ def _run(model):
 
 
 def _recipe(skip: int, offload_on: bool = False):
-    return recipe_from_dict({"train": {"gradient_checkpointing": True, "checkpoint_skip": skip,
-                                       "offload_activations": offload_on}})
+    return recipe_from_dict(
+        {
+            "train": {
+                "gradient_checkpointing": True,
+                "checkpoint_skip": skip,
+                "offload_activations": offload_on,
+            }
+        }
+    )
 
 
 def test_skipped_top_layers_run_once_and_gradients_do_not_change():

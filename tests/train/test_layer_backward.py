@@ -8,8 +8,8 @@ for layers < L and backward costs only the top of the stack.
 import pytest
 import torch
 import transformers
-
 from conftest import save_tiny_llama, tiny_recipe
+
 from deftune.api import train
 from deftune.models.arch import decoder_layers
 from deftune.train import loop

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
+
 from deftune.api import train
 from deftune.train import loop
 from deftune.train.monitor import GradNormGuard, PlateauController

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_recipe, wire_trainer
+
 from deftune.api import train
 from deftune.errors import DeftuneError
 from deftune.train import loop

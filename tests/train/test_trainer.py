@@ -4,10 +4,9 @@ import signal
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
+
 from deftune.api import train
-from deftune.errors import DeftuneError
 from deftune.train import loop
 from deftune.train.checkpoint import find_checkpoint
 from deftune.train.optim import lr_factor

@@ -3,7 +3,7 @@
 transformers 5 ships every supported MoE family (DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE)
 with one layout, which is what deftune relies on:
 
-    layer.mlp.gate      router:  forward(h [T, H]) -> (logits [T, E], top_k_weights [T, K], top_k_index [T, K])
+    layer.mlp.gate      router:  forward(h [T, H]) -> (logits [T, E], weights [T, K], index [T, K])
     layer.mlp.experts   experts: gate_up_proj [E, 2I, H], down_proj [E, H, I] (fused 3D tensors);
                                  forward(h [T, H], top_k_index, top_k_weights) -> [T, H]
     layer.mlp.shared_experts / shared_expert   dense MLP every token passes (DeepSeek, Qwen2-MoE)
@@ -38,8 +38,11 @@ class MoeBlock:
 
     @property
     def num_experts(self) -> int:
-        return int(self.experts.gate_up_proj.shape[0]) if hasattr(self.experts, "gate_up_proj") else int(
-            getattr(self.experts, "num_experts"))
+        return (
+            int(self.experts.gate_up_proj.shape[0])
+            if hasattr(self.experts, "gate_up_proj")
+            else int(getattr(self.experts, "num_experts"))
+        )
 
     @property
     def top_k(self) -> int:
@@ -74,8 +77,9 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
             for s in _SHARED_NAMES:
                 if getattr(block, s, None) is not None:
                     shared, shared_name = getattr(block, s), f"{prefix}.{index}.{child_name}.{s}"
-            out.append(MoeBlock(index, f"{prefix}.{index}.{child_name}", block, router, experts, shared,
-                                shared_name))
+            out.append(
+                MoeBlock(index, f"{prefix}.{index}.{child_name}", block, router, experts, shared, shared_name)
+            )
             break
     return out
 
@@ -91,6 +95,8 @@ def _layers_prefix(model: nn.Module) -> str:
 def require_moe(model: nn.Module, purpose: str) -> list[MoeBlock]:
     blocks = moe_blocks(model)
     if not blocks:
-        raise DeftuneError(f"{purpose} needs a Mixture-of-Experts model; {type(model).__name__} has no routed "
-                           "experts (supported: DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE)")
+        raise DeftuneError(
+            f"{purpose} needs a Mixture-of-Experts model; {type(model).__name__} has no routed "
+            "experts (supported: DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE)"
+        )
     return blocks

@@ -31,7 +31,12 @@ from deftune.train.checkpoint import find_checkpoint, load_checkpoint, read_meta
 from deftune.train.dist import is_main_process
 from deftune.train.loss import count_label_tokens, response_loss_sum
 from deftune.train.monitor import (
-    Board, GradNormGuard, PlateauController, UpdateTracker, layer_grad_norms, peak_memory_gib,
+    Board,
+    GradNormGuard,
+    PlateauController,
+    UpdateTracker,
+    layer_grad_norms,
+    peak_memory_gib,
 )
 from deftune.train.optim import build_optimizer
 

@@ -5,7 +5,11 @@
 
 from deftune.adapters.dynamic_rank.allocate import adapter_param_count, allocate_ranks, make_budget
 from deftune.adapters.dynamic_rank.callback import (
-    DynamicRankCallback, format_ranks, from_recipe, initial_rank, window_steps,
+    DynamicRankCallback,
+    format_ranks,
+    from_recipe,
+    initial_rank,
+    window_steps,
 )
 from deftune.adapters.dynamic_rank.importance import ComponentImportance, gate_sensitivity
 

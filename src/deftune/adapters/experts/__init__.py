@@ -43,10 +43,27 @@ from deftune.models.moe import require_moe
 EXPERT_METHODS = ("esft", "expert-lora")
 
 __all__ = [
-    "EXPERT_METHODS", "ExpertSubset", "RoutingStats", "Selection", "apply_esft_patch", "attach_experts",
-    "current_selection", "expert_subsets", "format_table", "grouped_linear", "load_expert_adapter",
-    "load_result", "prepare", "resolve_selection", "routing_stats", "save_esft_patch", "save_expert_adapter",
-    "save_result", "select_experts", "top_p_experts", "unwrap_experts",
+    "EXPERT_METHODS",
+    "ExpertSubset",
+    "RoutingStats",
+    "Selection",
+    "apply_esft_patch",
+    "attach_experts",
+    "current_selection",
+    "expert_subsets",
+    "format_table",
+    "grouped_linear",
+    "load_expert_adapter",
+    "load_result",
+    "prepare",
+    "resolve_selection",
+    "routing_stats",
+    "save_esft_patch",
+    "save_expert_adapter",
+    "save_result",
+    "select_experts",
+    "top_p_experts",
+    "unwrap_experts",
 ]
 
 
@@ -99,8 +116,10 @@ def prepare(recipe, model: nn.Module, device) -> dict:
     model.to(device)
     chosen = sum(len(v) for v in selection.values())
     total = sum(b.num_experts for b in blocks)
-    print(f"Experts: {chosen} of {total} routed experts in {len(selection)} MoE layers "
-          f"({method}{', also ' + '+'.join(sorted(parts)) if parts else ''})")
+    print(
+        f"Experts: {chosen} of {total} routed experts in {len(selection)} MoE layers "
+        f"({method}{', also ' + '+'.join(sorted(parts)) if parts else ''})"
+    )
     return {"selection": selection, "lora": lora_spec}
 
 
@@ -127,13 +146,23 @@ def load_result(model: nn.Module, folder: Path) -> str:
             load_adapter(model, folder)
         load_expert_adapter(model, folder)
         return "expert-lora"
-    raise DeftuneError(f"{folder}: holds neither an ESFT patch ({PATCH_META}) nor an expert adapter "
-                       f"({ADAPTER_META})")
+    raise DeftuneError(
+        f"{folder}: holds neither an ESFT patch ({PATCH_META}) nor an expert adapter ({ADAPTER_META})"
+    )
 
 
-def score_domain(model_path: str, data: str, top_p: float = 0.2, score: str = "token", out: str = "",
-                 heatmap: str = "", device: str = "auto", max_records: int = 0, batch_size: int = 8,
-                 overrides: list[str] | tuple = ()) -> dict:
+def score_domain(
+    model_path: str,
+    data: str,
+    top_p: float = 0.2,
+    score: str = "token",
+    out: str = "",
+    heatmap: str = "",
+    device: str = "auto",
+    max_records: int = 0,
+    batch_size: int = 8,
+    overrides: list[str] | tuple = (),
+) -> dict:
     """``deftune experts``: ESFT's scores of every routed expert on ``data`` and the top-p selection.
 
     The records are rendered with the recipe's prompt template (``data.template``, seed by default) and
@@ -159,18 +188,26 @@ def score_domain(model_path: str, data: str, top_p: float = 0.2, score: str = "t
     model, tokenizer, source = load_model(recipe.model, dev)
     ensure_pad_token(tokenizer)
     blocks = require_moe(model, "deftune experts")
-    examples, stats = tokenize_samples(samples, tokenizer, recipe.data.template, recipe.data.max_length,
-                                       recipe.data.system_prompt)
+    examples, stats = tokenize_samples(
+        samples, tokenizer, recipe.data.template, recipe.data.max_length, recipe.data.system_prompt
+    )
     if not examples:
         raise DeftuneError(f"{data}: no record fits data.max_length={recipe.data.max_length}")
     rows = batches(examples, batch_size, tokenizer.pad_token_id, seed=0, epoch=0, shuffle=False)
     routing = routing_stats(model, rows, blocks)
     selection = select_experts(routing, score, top_p)
     table = format_table(routing, score, selection)
-    result = {"model": source.name, "records": len(examples), "tokens": routing.tokens, "score": score,
-              "top_p": top_p, "selection": selection, "table": table,
-              "selected": sum(len(v) for v in selection.values()),
-              "experts": sum(b.num_experts for b in blocks)}
+    result = {
+        "model": source.name,
+        "records": len(examples),
+        "tokens": routing.tokens,
+        "score": score,
+        "top_p": top_p,
+        "selection": selection,
+        "table": table,
+        "selected": sum(len(v) for v in selection.values()),
+        "experts": sum(b.num_experts for b in blocks),
+    }
     if out:
         from deftune.adapters.experts.select import write_selection
 

@@ -33,12 +33,16 @@ from deftune.errors import DeftuneError
 def _grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
     # torch's grouped GEMM is the fast path on CUDA for 16-bit weights; on CPU (and for fp32) its kernels
     # are young (alignment rules, broken backward in some builds), so the loop below is used instead.
-    return (x.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
-            and (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")))
+    return (
+        x.is_cuda
+        and w.dtype in (torch.bfloat16, torch.float16)
+        and (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"))
+    )
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bounds: list[int] | None = None
-                   ) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bounds: list[int] | None = None
+) -> torch.Tensor:
     """Rows ``offsets[g-1]:offsets[g]`` of ``x`` times ``weight[g]^T`` for every group g.
 
     x [M, d_in], weight [G, d_out, d_in], offsets [G] cumulative row ends (int32), M == offsets[-1].
@@ -68,8 +72,16 @@ class ExpertSubset(nn.Module):
     base model are unchanged) and the same forward signature as transformers' experts modules.
     """
 
-    def __init__(self, experts: nn.Module, selected: list[int], mode: str, rank: int = 8, alpha: float = 16,
-                 dropout: float = 0.0, rslora: bool = False):
+    def __init__(
+        self,
+        experts: nn.Module,
+        selected: list[int],
+        mode: str,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+    ):
         super().__init__()
         if mode not in ("esft", "lora"):
             raise DeftuneError(f"expert mode must be esft or lora, got {mode!r}")
@@ -77,7 +89,9 @@ class ExpertSubset(nn.Module):
             if getattr(experts, attr, None) is not None:
                 raise DeftuneError(f"{type(experts).__name__} has expert biases ({attr}); not supported yet")
         if getattr(experts, "is_transposed", False) or not getattr(experts, "has_gate", True):
-            raise DeftuneError(f"{type(experts).__name__}: only gated experts stored as [E, 2I, H] are supported")
+            raise DeftuneError(
+                f"{type(experts).__name__}: only gated experts stored as [E, 2I, H] are supported"
+            )
         self.gate_up_proj = experts.gate_up_proj
         self.down_proj = experts.down_proj
         self.gate_up_proj.requires_grad_(False)
@@ -127,8 +141,17 @@ class ExpertSubset(nn.Module):
     def trainable_numel(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def _project(self, x: torch.Tensor, frozen_w: torch.Tensor, offs_f, offs_s, bounds_f, bounds_s,
-                 n_frozen: int, which: str) -> torch.Tensor:
+    def _project(
+        self,
+        x: torch.Tensor,
+        frozen_w: torch.Tensor,
+        offs_f,
+        offs_s,
+        bounds_f,
+        bounds_s,
+        n_frozen: int,
+        which: str,
+    ) -> torch.Tensor:
         """One projection (gate_up or down) over rows sorted [unselected | selected]."""
         x_f, x_s = x[:n_frozen], x[n_frozen:]
         out_f = grouped_linear(x_f, frozen_w, offs_f, bounds_f)
@@ -152,8 +175,9 @@ class ExpertSubset(nn.Module):
         counts[self.selected] = counts_s
         return torch.cumsum(counts, 0, dtype=torch.int32)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         num_k = top_k_index.shape[-1]
         flat_e = top_k_index.reshape(-1)
         flat_w = top_k_weights.reshape(-1)
@@ -165,18 +189,19 @@ class ExpertSubset(nn.Module):
         x = hidden_states[token]
         counts = torch.bincount(key_sorted, minlength=self.num_experts + len(self.selected_ids))
         offs_f = torch.cumsum(counts[: self.num_experts], 0, dtype=torch.int32)
-        offs_s = torch.cumsum(counts[self.num_experts:], 0, dtype=torch.int32)
+        offs_s = torch.cumsum(counts[self.num_experts :], 0, dtype=torch.int32)
         # One host sync per layer: slicing rows needs the split point (the loop path needs all bounds).
         if _grouped_mm_available(x, self.gate_up_proj):
             n_frozen = int(offs_f[-1])
             bounds_f = bounds_s = None
         else:
             bounds = torch.cat([offs_f, offs_s]).tolist()
-            bounds_f, bounds_s = bounds[: self.num_experts], bounds[self.num_experts:]
+            bounds_f, bounds_s = bounds[: self.num_experts], bounds[self.num_experts :]
             n_frozen = bounds_f[-1]
         offs_s_rows = offs_s  # relative to the selected block
-        gate_up = self._project(x, self.gate_up_proj, offs_f, offs_s_rows, bounds_f, bounds_s, n_frozen,
-                                "gate_up")
+        gate_up = self._project(
+            x, self.gate_up_proj, offs_f, offs_s_rows, bounds_f, bounds_s, n_frozen, "gate_up"
+        )
         gate, up = gate_up.chunk(2, dim=-1)
         inner = self.act_fn(gate) * up
         out = self._project(inner, self.down_proj, offs_f, offs_s_rows, bounds_f, bounds_s, n_frozen, "down")
@@ -189,8 +214,14 @@ class ExpertSubset(nn.Module):
         dtype = self.gate_up_proj.dtype
         if self.mode == "esft":
             return self.gate_up_train.to(dtype), self.down_train.to(dtype)
-        gu = self.gate_up_proj[self.selected].float() + torch.bmm(self.lora_gate_up_B, self.lora_gate_up_A) * self.scaling
-        dn = self.down_proj[self.selected].float() + torch.bmm(self.lora_down_B, self.lora_down_A) * self.scaling
+        gu = (
+            self.gate_up_proj[self.selected].float()
+            + torch.bmm(self.lora_gate_up_B, self.lora_gate_up_A) * self.scaling
+        )
+        dn = (
+            self.down_proj[self.selected].float()
+            + torch.bmm(self.lora_down_B, self.lora_down_A) * self.scaling
+        )
         return gu.to(dtype), dn.to(dtype)
 
     @torch.no_grad()

@@ -30,8 +30,15 @@ ADAPTER_FILE = "expert_adapter.safetensors"
 ADAPTER_META = "expert_adapter.json"
 
 
-def attach_experts(model: nn.Module, selection: Selection, mode: str, rank: int = 8, alpha: float = 16,
-                   dropout: float = 0.0, rslora: bool = False) -> dict[int, str]:
+def attach_experts(
+    model: nn.Module,
+    selection: Selection,
+    mode: str,
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> dict[int, str]:
     """Wrap the experts of every layer in ``selection`` in an ExpertSubset. Returns {layer: module name}."""
     blocks = {b.layer: b for b in moe_blocks(model)}
     names = {}
@@ -71,8 +78,11 @@ def _save(tensors: dict[str, torch.Tensor], meta: dict, folder: Path, file: str,
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / file),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(folder / file),
+        metadata={"format": "pt"},
+    )
     (folder / meta_file).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return folder
 
@@ -98,8 +108,14 @@ def save_esft_patch(model: nn.Module, folder: Path, base_model: str) -> Path:
             # Trained in full (router / shared experts / attention when asked), stored in the base dtype.
             tensors[pname] = param.detach().to(dtype or param.dtype)
             full.append(pname)
-    meta = {"format": "deftune-esft-patch", "version": 1, "base_model": base_model,
-            "selection": _selection_json(model), "sliced": sliced, "full": full}
+    meta = {
+        "format": "deftune-esft-patch",
+        "version": 1,
+        "base_model": base_model,
+        "selection": _selection_json(model),
+        "sliced": sliced,
+        "full": full,
+    }
     return _save(tensors, meta, folder, PATCH_FILE, PATCH_META)
 
 
@@ -123,19 +139,24 @@ def apply_esft_patch(model: nn.Module, folder: Path) -> int:
     written = 0
     for name, tensor in tensors.items():
         if name not in params:
-            raise DeftuneError(f"{folder / PATCH_FILE}: {name} is not a parameter of {type(model).__name__}: "
-                               "was the patch made for another base model?")
+            raise DeftuneError(
+                f"{folder / PATCH_FILE}: {name} is not a parameter of {type(model).__name__}: "
+                "was the patch made for another base model?"
+            )
         target = params[name]
         if name in meta["sliced"]:
             ids = torch.tensor(meta["sliced"][name], dtype=torch.long, device=target.device)
             if tuple(tensor.shape) != (len(ids), *target.shape[1:]):
-                raise DeftuneError(f"{folder / PATCH_FILE}: {name} has shape {tuple(tensor.shape)}, the base "
-                                   f"model's experts need ({len(ids)}, {', '.join(map(str, target.shape[1:]))})")
+                raise DeftuneError(
+                    f"{folder / PATCH_FILE}: {name} has shape {tuple(tensor.shape)}, the base "
+                    f"model's experts need ({len(ids)}, {', '.join(map(str, target.shape[1:]))})"
+                )
             target.data[ids] = tensor.to(target.device, target.dtype)
         else:
             if tensor.shape != target.shape:
-                raise DeftuneError(f"{folder / PATCH_FILE}: {name} shape {tuple(tensor.shape)} != base "
-                                   f"{tuple(target.shape)}")
+                raise DeftuneError(
+                    f"{folder / PATCH_FILE}: {name} shape {tuple(tensor.shape)} != base {tuple(target.shape)}"
+                )
             target.data.copy_(tensor.to(target.device, target.dtype))
         written += 1
     return written
@@ -152,9 +173,16 @@ def save_expert_adapter(model: nn.Module, folder: Path, base_model: str) -> Path
             raise DeftuneError(f"{name} is an ESFT subset, not expert-LoRA")
         for part in ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B"):
             tensors[f"{name}.{part}"] = getattr(module, part)
-    meta = {"format": "deftune-expert-lora", "version": 1, "base_model": base_model, "rank": first.rank,
-            "alpha": first.alpha, "rslora": first.rslora, "selection": _selection_json(model),
-            "modules": sorted(subsets)}
+    meta = {
+        "format": "deftune-expert-lora",
+        "version": 1,
+        "base_model": base_model,
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "rslora": first.rslora,
+        "selection": _selection_json(model),
+        "modules": sorted(subsets),
+    }
     return _save(tensors, meta, folder, ADAPTER_FILE, ADAPTER_META)
 
 
@@ -163,7 +191,9 @@ def load_expert_adapter(model: nn.Module, folder: Path) -> int:
     """Attach expert-LoRA as saved in ``folder`` and load its weights. Returns the number of layers."""
     meta, tensors = _read(folder, ADAPTER_FILE, ADAPTER_META, "expert adapter")
     selection = {int(k): v for k, v in meta["selection"].items()}
-    names = attach_experts(model, selection, "lora", meta["rank"], meta["alpha"], 0.0, meta.get("rslora", False))
+    names = attach_experts(
+        model, selection, "lora", meta["rank"], meta["alpha"], 0.0, meta.get("rslora", False)
+    )
     for name in names.values():
         module = model.get_submodule(name)
         for part in ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B"):

@@ -68,6 +68,7 @@ def routing_stats(model: nn.Module, batches, blocks: list[MoeBlock]) -> RoutingS
             gate_sum[row] += (dense * per_sample[:, None]).sum(0).cpu()
             hits = torch.zeros_like(dense).scatter_(1, index, 1.0)
             picks[row] += (hits * mask[:, None]).sum(0).cpu()
+
         return hook
 
     handles = [b.router.register_forward_hook(hook_for(i)) for i, b in enumerate(blocks)]
@@ -92,8 +93,14 @@ def routing_stats(model: nn.Module, batches, blocks: list[MoeBlock]) -> RoutingS
             h.remove()
         model.train(was_training)
     top_k = blocks[0].top_k
-    return RoutingStats([b.layer for b in blocks], gate_sum.float(), (picks / max(tokens * top_k, 1)).float(),
-                        samples, tokens, top_k)
+    return RoutingStats(
+        [b.layer for b in blocks],
+        gate_sum.float(),
+        (picks / max(tokens * top_k, 1)).float(),
+        samples,
+        tokens,
+        top_k,
+    )
 
 
 def top_p_experts(scores: torch.Tensor, p: float) -> list[int]:
@@ -128,7 +135,9 @@ def format_table(stats: RoutingStats, kind: str, selection: Selection | None = N
     lines = [f"{'average gate score' if kind == 'gate' else 'token selection ratio'} (%), * = selected", head]
     for row, layer in enumerate(stats.layers):
         chosen = set((selection or {}).get(layer, []))
-        cells = "".join(f"{100 * float(scores[row, e]):6.1f}{'*' if e in chosen else ' '}" for e in range(n_exp))
+        cells = "".join(
+            f"{100 * float(scores[row, e]):6.1f}{'*' if e in chosen else ' '}" for e in range(n_exp)
+        )
         lines.append(f"{layer:>5d} {cells}")
     return "\n".join(lines)
 
@@ -140,7 +149,9 @@ def plot_heatmap(stats: RoutingStats, kind: str, path: Path, selection: Selectio
     import matplotlib.pyplot as plt
 
     scores = stats.scores(kind).numpy()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * scores.shape[1] + 2), max(2.5, 0.35 * len(stats.layers) + 1.5)))
+    fig, ax = plt.subplots(
+        figsize=(max(4.0, 0.35 * scores.shape[1] + 2), max(2.5, 0.35 * len(stats.layers) + 1.5))
+    )
     im = ax.imshow(scores, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(stats.layers)), [str(x) for x in stats.layers])
     ax.set_xlabel("expert")
@@ -148,7 +159,9 @@ def plot_heatmap(stats: RoutingStats, kind: str, path: Path, selection: Selectio
     ax.set_title("average gate score" if kind == "gate" else "token selection ratio")
     for row, layer in enumerate(stats.layers):
         for e in (selection or {}).get(layer, []):
-            ax.add_patch(plt.Rectangle((e - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+            ax.add_patch(
+                plt.Rectangle((e - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
+            )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +170,9 @@ def plot_heatmap(stats: RoutingStats, kind: str, path: Path, selection: Selectio
     return path
 
 
-def write_selection(path: Path, selection: Selection, stats: RoutingStats, kind: str, p: float,
-                    model: str, data: str) -> Path:
+def write_selection(
+    path: Path, selection: Selection, stats: RoutingStats, kind: str, p: float, model: str, data: str
+) -> Path:
     doc = {
         "format": "deftune-expert-selection",
         "version": 1,
@@ -169,10 +183,14 @@ def write_selection(path: Path, selection: Selection, stats: RoutingStats, kind:
         "samples": stats.samples,
         "tokens": stats.tokens,
         "selection": {str(k): v for k, v in selection.items()},
-        "gate_score": {str(layer): [round(float(x), 6) for x in stats.gate_score[row]]
-                       for row, layer in enumerate(stats.layers)},
-        "token_ratio": {str(layer): [round(float(x), 6) for x in stats.token_ratio[row]]
-                        for row, layer in enumerate(stats.layers)},
+        "gate_score": {
+            str(layer): [round(float(x), 6) for x in stats.gate_score[row]]
+            for row, layer in enumerate(stats.layers)
+        },
+        "token_ratio": {
+            str(layer): [round(float(x), 6) for x in stats.token_ratio[row]]
+            for row, layer in enumerate(stats.layers)
+        },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
@@ -181,12 +199,16 @@ def write_selection(path: Path, selection: Selection, stats: RoutingStats, kind:
 
 def _as_selection(value, where: str) -> Selection | list[int]:
     """A list of ids (all MoE layers) or a {layer: [ids]} mapping, checked for shape."""
+
     def ids(v, w):
         if isinstance(v, int) and not isinstance(v, bool):
             v = [v]
-        if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        if not isinstance(v, (list, tuple)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v
+        ):
             raise DeftuneError(f"{w}: expected a list of expert ids, got {v!r}")
         return sorted(set(v))
+
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
@@ -205,8 +227,10 @@ def read_selection_file(path: Path) -> Selection:
     except (OSError, json.JSONDecodeError) as exc:
         raise DeftuneError(f"{path}: cannot read the expert selection: {exc}") from exc
     if not isinstance(doc, dict) or "selection" not in doc:
-        raise DeftuneError(f"{path}: not an expert selection file (no 'selection' key); write one with "
-                           "`deftune experts MODEL --data DOMAIN.jsonl --out FILE`")
+        raise DeftuneError(
+            f"{path}: not an expert selection file (no 'selection' key); write one with "
+            "`deftune experts MODEL --data DOMAIN.jsonl --out FILE`"
+        )
     found = _as_selection(doc["selection"], f"{path}: selection")
     if not isinstance(found, dict):
         raise DeftuneError(f"{path}: selection must map layer -> expert ids")
@@ -217,9 +241,11 @@ def resolve_selection(domains: dict, select: str, blocks: list[MoeBlock]) -> Sel
     """The selection a recipe asks for (``experts.select``: a domain of ``experts.domains`` or a file),
     checked against the model: MoE layers only, ids in range. Layers left out train nothing."""
     if not select:
-        raise DeftuneError("experts.select is empty: name a domain of experts.domains "
-                           f"({', '.join(map(str, domains)) or 'none defined'}) or a selection file from "
-                           "`deftune experts`")
+        raise DeftuneError(
+            "experts.select is empty: name a domain of experts.domains "
+            f"({', '.join(map(str, domains)) or 'none defined'}) or a selection file from "
+            "`deftune experts`"
+        )
     if select in domains and isinstance(domains[select], str):
         # A domain named after a selection file: {cardiology: cardiology.json}.
         path = Path(domains[select])
@@ -235,16 +261,20 @@ def resolve_selection(domains: dict, select: str, blocks: list[MoeBlock]) -> Sel
         raw = read_selection_file(Path(select))
         where = select
     else:
-        raise DeftuneError(f"experts.select: {select!r} is neither a domain of experts.domains "
-                           f"({', '.join(map(str, domains)) or 'none defined'}) nor a selection file")
+        raise DeftuneError(
+            f"experts.select: {select!r} is neither a domain of experts.domains "
+            f"({', '.join(map(str, domains)) or 'none defined'}) nor a selection file"
+        )
     by_layer = {b.layer: b for b in blocks}
     if isinstance(raw, list):
         raw = {layer: raw for layer in by_layer}
     out: Selection = {}
     for layer, experts in raw.items():
         if layer not in by_layer:
-            raise DeftuneError(f"{where}: layer {layer} has no routed experts; MoE layers: "
-                               f"{', '.join(map(str, sorted(by_layer)))}")
+            raise DeftuneError(
+                f"{where}: layer {layer} has no routed experts; MoE layers: "
+                f"{', '.join(map(str, sorted(by_layer)))}"
+            )
         n = by_layer[layer].num_experts
         bad = [e for e in experts if not 0 <= e < n]
         if bad:
