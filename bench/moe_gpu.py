@@ -196,41 +196,18 @@ def main() -> None:
     import peft
     import transformers
 
-    me = [
-        sys.executable,
-        __file__,
-        "--child",
-        "--seq",
-        str(args.seq),
-        "--bs",
-        str(args.bs),
-        "--rank",
-        str(args.rank),
-        "--steps",
-        str(args.steps),
-        "--checkpoint-skip",
-        str(args.checkpoint_skip),
-        "--expert-fraction",
-        str(args.expert_fraction),
-    ]
-    hf = [
-        sys.executable,
-        args.anchor,
-        "--seq",
-        str(args.seq),
-        "--bs",
-        str(args.bs),
-        "--rank",
-        str(args.rank),
-        "--steps",
-        str(args.steps),
-    ]
+    # The workload flags both sides take (the HF + PEFT anchor script reads the same names).
+    shared = ["--seq", str(args.seq), "--bs", str(args.bs), "--rank", str(args.rank),
+              "--steps", str(args.steps)]  # fmt: skip
+    me = [sys.executable, __file__, "--child", *shared, "--checkpoint-skip", str(args.checkpoint_skip),
+          "--expert-fraction", str(args.expert_fraction)]  # fmt: skip
+    hf = [sys.executable, args.anchor, *shared]
     plan = {
         "fast": me + ["--fast", "1"],
         "plain": me + ["--fast", "0"],
         "hf-attn": hf + ["--no-expert-lora"],
         "hf-all": hf,
-        "fast-all-experts": me[:-1] + ["1.0", "--fast", "1"],
+        "fast-all-experts": me + ["--expert-fraction", "1.0", "--fast", "1"],  # argparse: the last value wins
         # Spend the memory left under HF's attention-only peak on not recomputing the top layers.
         "fast-skip6": me + ["--fast", "1", "--checkpoint-skip", "6"],
     }

@@ -119,21 +119,15 @@ def _b_loss(target, s) -> float:
     ]
 
 
+def _select(s, out: Path) -> int:
+    """`deftune experts` on domain A's data, keeping experts up to top-p 0.6 per layer."""
+    return cli.main(["experts", str(s["base"]), "--data", str(s["a_train"]), "--top-p", "0.6",
+                     "--out", str(out), "data.template={query}"])  # fmt: skip
+
+
 def test_experts_verb_recovers_the_planted_experts(setup, tmp_path, capsys):
     out = tmp_path / "a_experts.json"
-    code = cli.main(
-        [
-            "experts",
-            str(setup["base"]),
-            "--data",
-            str(setup["a_train"]),
-            "--top-p",
-            "0.6",
-            "--out",
-            str(out),
-            "data.template={query}",
-        ]
-    )
+    code = _select(setup, out)
     assert code == 0
     printed = capsys.readouterr().out
     assert "token selection ratio" in printed and "Selected 4 of 16" in printed
@@ -148,22 +142,7 @@ def test_experts_verb_recovers_the_planted_experts(setup, tmp_path, capsys):
 
 def test_esft_improves_the_domain_and_spares_the_other(setup, tmp_path):
     selection = tmp_path / "a.json"
-    assert (
-        cli.main(
-            [
-                "experts",
-                str(setup["base"]),
-                "--data",
-                str(setup["a_train"]),
-                "--top-p",
-                "0.6",
-                "--out",
-                str(selection),
-                "data.template={query}",
-            ]
-        )
-        == 0
-    )
+    assert _select(setup, selection) == 0
     esft = api.train(_recipe(setup, tmp_path / "esft", "esft", {"select": str(selection)}), progress=False)
     every = {"domains": {"all": list(range(8))}, "select": "all", "also": "attention", "train_router": True}
     full = api.train(_recipe(setup, tmp_path / "full", "esft", every), progress=False)
