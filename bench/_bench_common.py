@@ -69,6 +69,49 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+def labels_loss_step(model, params, opt):
+    """One training step as the HF+PEFT anchors take it: the model's own loss (labels = inputs), backward,
+    clip 1.0, optimizer step. Returns ``step(x) -> loss``."""
+    import torch
+
+    def step(x):
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return step
+
+
+def timed_steps(step, vocab: int, bs: int, seq: int, device: str, warmup: int, steps: int) -> dict:
+    """Run ``step(x) -> loss`` on ``warmup + steps`` batches of random tokens (seeded, the same for every
+    framework) and return the timing fields of a result row: status ok with median step, tokens/s, first
+    step and first/last loss, or status oom with the steps done. Peak memory is counted from here."""
+    import torch
+
+    on_cuda = device == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    gen = torch.Generator(device=device).manual_seed(1)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    try:
+        for _ in range(warmup + steps):
+            x = torch.randint(0, vocab, (bs, seq), device=device, generator=gen)
+            sync()
+            t = time.perf_counter()
+            losses.append(step(x))
+            sync()
+            times.append(time.perf_counter() - t)
+    except torch.OutOfMemoryError as exc:
+        return {"status": "oom", "error": str(exc).splitlines()[0][:300], "steps_done": len(times)}
+    step_s = median(times[warmup:])
+    return {"status": "ok", "step_s": round(step_s, 4), "tok_s": round(bs * seq / step_s, 1),
+            "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+
+
 def flops_per_token(shape: str, seq: int) -> dict:
     s = SHAPES[shape]
     L, d, ff, vocab = s["num_hidden_layers"], s["hidden_size"], s["intermediate_size"], s["vocab_size"]

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import SHAPES, emit, make_model_folder, median  # noqa: E402
+from _bench_common import SHAPES, emit, make_model_folder, timed_steps  # noqa: E402
 
 
 def recipe_overrides(model_dir: str, device: str, fast: bool, quantize: str, offload: bool, rank: int = 16,
@@ -183,29 +183,9 @@ def main() -> None:
         emit({**row, **built})
         return
     on_cuda = a.device == "cuda"
-    vocab = built["model"].config.vocab_size
-    gen = torch.Generator(device=a.device).manual_seed(1)
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    try:
-        for _ in range(a.warmup + a.steps):
-            x = torch.randint(0, vocab, (a.bs, a.seq), device=a.device, generator=gen)
-            if on_cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            losses.append(train_step(built, x))
-            if on_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-    except torch.OutOfMemoryError as exc:
-        emit({**row, "status": "oom", "error": str(exc).splitlines()[0][:300],
-              "steps_done": len(times), **_meta(built, on_cuda)})
-        return
-    step = median(times[a.warmup:])
-    emit({**row, "status": "ok", "step_s": round(step, 4), "tok_s": round(a.bs * a.seq / step, 1),
-          "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-          **_meta(built, on_cuda)})
+    timing = timed_steps(lambda x: train_step(built, x), built["model"].config.vocab_size, a.bs, a.seq,
+                         a.device, a.warmup, a.steps)
+    emit({**row, **timing, **_meta(built, on_cuda)})
 
 
 def _meta(built: dict, on_cuda: bool) -> dict:

@@ -17,7 +17,7 @@ for _k, _v in dict(UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1", TRANSFORM
                    HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false").items():
     os.environ.setdefault(_k, _v)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import LORA_TARGETS, SHAPES, emit, median  # noqa: E402
+from _bench_common import LORA_TARGETS, SHAPES, emit, labels_loss_step, timed_steps  # noqa: E402
 
 
 def main() -> None:
@@ -55,33 +55,10 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     row["load_s"] = round(time.time() - t_load, 1)
-    vocab = model.config.vocab_size
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    try:
-        for _ in range(a.warmup + a.steps):
-            x = torch.randint(0, vocab, (a.bs, a.seq), device="cuda", generator=gen)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = model(input_ids=x, labels=x)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            losses.append(float(out.loss.detach()))
-    except torch.OutOfMemoryError as exc:
-        emit({**row, "status": "oom", "error": str(exc).splitlines()[0][:300], "steps_done": len(times),
-              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)})
-        return
-    step = median(times[a.warmup:])
-    emit({**row, "status": "ok", "step_s": round(step, 4), "tok_s": round(a.bs * a.seq / step, 1),
-          "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-          "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
+    timing = timed_steps(labels_loss_step(model, params, opt), model.config.vocab_size, a.bs, a.seq, "cuda",
+                         a.warmup, a.steps)
+    emit({**row, **timing, "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "gpu": torch.cuda.get_device_name()})
-
 
 if __name__ == "__main__":
     main()
