@@ -180,15 +180,22 @@ def test_training_changes_only_the_selected_experts(method, ds_dir, data_file, t
 @pytest.mark.parametrize("method", ["esft", "expert-lora"])
 def test_merged_folder_loads_with_the_runs_logits(method, ds_dir, data_file, tmp_path):
     summary = api.train(_recipe(ds_dir, data_file, tmp_path / "run", method), progress=False)
-    tuned, _, _ = api.load_for_inference(summary.run_dir, "cpu")
-    merged_dir = api.merge(summary.run_dir, str(tmp_path / "merged"))
-    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ids, merged_logits = _assert_merge_keeps_the_runs_logits(summary.run_dir, tmp_path / "merged")
     base = transformers.AutoModelForCausalLM.from_pretrained(ds_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged_logits - base(ids).logits).abs().max() > 1e-4
+
+
+def _assert_merge_keeps_the_runs_logits(run_dir, out):
+    """``deftune merge`` of the run gives a plain folder with the run's logits; returns (ids, logits)."""
+    tuned, _, _ = api.load_for_inference(run_dir, "cpu")
+    merged_dir = api.merge(run_dir, str(out))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     ids = torch.randint(3, 300, (2, 15))
     with torch.no_grad():
-        a, b, c = tuned(ids).logits, merged(ids).logits, base(ids).logits
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    assert (b - c).abs().max() > 1e-4
+        merged_logits = merged.eval()(ids).logits
+        torch.testing.assert_close(merged_logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+    return ids, merged_logits
 
 
 def test_esft_patch_holds_only_the_selected_slices(ds_dir, data_file, tmp_path):
@@ -259,13 +266,7 @@ def test_expert_lora_with_attention_and_shared_experts(ds_dir, data_file, tmp_pa
     config = json.loads((folder / "adapter_config.json").read_text())
     targets = set(config["target_modules"]) if isinstance(config["target_modules"], list) else set()
     assert any("shared_experts" in t for t in targets) and any("self_attn" in t for t in targets)
-    tuned, _, _ = api.load_for_inference(summary.run_dir, "cpu")
-    merged = transformers.AutoModelForCausalLM.from_pretrained(
-        api.merge(summary.run_dir, str(tmp_path / "m"))
-    )
-    ids = torch.randint(3, 300, (1, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(merged.eval()(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+    _assert_merge_keeps_the_runs_logits(summary.run_dir, tmp_path / "m")
 
 
 def test_resume_restores_expert_training_exactly(ds_dir, data_file, tmp_path, monkeypatch):
@@ -434,10 +435,4 @@ def test_expert_lora_over_a_4bit_base_trains_and_merges(ds_dir, data_file, tmp_p
         experts={"domains": {"d": [1, 2]}, "select": "d", "also": "attention"},
     )
     summary = api.train(recipe, progress=False)
-    tuned, _, _ = api.load_for_inference(summary.run_dir, "cpu")
-    merged = transformers.AutoModelForCausalLM.from_pretrained(
-        api.merge(summary.run_dir, str(tmp_path / "m"))
-    )
-    ids = torch.randint(3, 300, (1, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(merged.eval()(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+    _assert_merge_keeps_the_runs_logits(summary.run_dir, tmp_path / "m")
