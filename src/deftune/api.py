@@ -94,7 +94,11 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
         from deftune.kernels.offload import enable_offloaded_checkpointing
         from deftune.models.arch import num_layers
 
-        enable_offloaded_checkpointing(model, device, keep_top=_checked_skip(recipe, num_layers(model)))
+        wrapped = enable_offloaded_checkpointing(model, device, keep_top=_checked_skip(recipe, num_layers(model)),
+                                                 mlp_layers=recipe.train.offload_mlp_layers)
+        if recipe.train.offload_mlp_layers:
+            print(f"offloaded checkpointing: {wrapped} layers, {recipe.train.offload_mlp_layers} of them keep "
+                  f"their MLP gate/up outputs in host memory")
     if recipe.train.mlp_tile_tokens > 0:
         from deftune.kernels.tiled_mlp import tile_mlps
 

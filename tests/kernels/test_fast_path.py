@@ -453,3 +453,108 @@ def test_mlp_tile_tokens_is_checked():
 
     with pytest.raises(DeftuneError, match="train.mlp_tile_tokens"):
         recipe_from_dict({"train": {"mlp_tile_tokens": -1}})
+
+
+# --- recompute: early stop before the down projection, MLP stash (train.offload_mlp_layers) ---------------
+
+
+def _count_calls(monkeypatch):
+    """Counts of base GEMMs run (FrozenAddmm) and handed back (GivenOutput), split forward / backward."""
+    from deftune.kernels import lora_linear as ll
+
+    calls = {"gemm": 0, "given": 0}
+    for cls, key in ((ll.FrozenAddmmFunction, "gemm"), (ll.GivenOutputFunction, "given")):
+        real = cls.forward
+
+        def counted(ctx, *args, _real=real, _key=key):
+            calls[_key] += 1
+            return _real(ctx, *args)
+
+        monkeypatch.setattr(cls, "forward", staticmethod(counted))
+    return calls
+
+
+@pytest.mark.parametrize("how", ["transformers", "offloaded"])
+def test_recompute_stops_before_the_down_projection(monkeypatch, how):
+    """A checkpointed layer's recompute runs q, k, v, o, gate and up but not down: down's GEMM runs after
+    the layer's last saved tensor, where torch's non-reentrant checkpoint stops recomputing."""
+    plain = _lora_model("llama").train()
+    apply_fast_path(plain, log=lambda _: None)
+    wrapped = copy.deepcopy(plain)
+    if how == "transformers":
+        wrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        offload.wrap_decoder_layers(wrapped)
+    batch = _batch()
+    loss_p, _, grads_p = _loss_and_grads(plain, batch)
+    calls = _count_calls(monkeypatch)
+    wrapped.zero_grad(set_to_none=True)
+    loss, _ = response_loss_sum(wrapped, batch)
+    assert calls["gemm"] == 14  # 2 layers x 7 projections
+    loss.backward()
+    assert calls["gemm"] == 14 + 2 * 6
+    assert float(loss.detach()) == pytest.approx(loss_p, rel=1e-6)
+    for name, p in wrapped.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mlp_layers", [1, 2])
+def test_mlp_stash_hands_gate_and_up_back_instead_of_recomputing(monkeypatch, mlp_layers):
+    """train.offload_mlp_layers: stashed layers recompute q, k, v, o only (gate/up come back from the host
+    copy, down is skipped); loss and every gradient equal the plain model's."""
+    plain = _lora_model("llama").train()
+    apply_fast_path(plain, log=lambda _: None)
+    wrapped = copy.deepcopy(plain)
+    assert offload.wrap_decoder_layers(wrapped, mlp_layers=mlp_layers) == 2
+    stashes = [layer._deftune_mlp_stash for layer in wrapped.model.layers]
+    assert sum(s is not None for s in stashes) == mlp_layers
+    batch = _batch()
+    loss_p, _, grads_p = _loss_and_grads(plain, batch)
+    calls = _count_calls(monkeypatch)
+    loss_w, _, grads_w = _loss_and_grads(wrapped, batch)
+    assert calls["gemm"] == 14 + mlp_layers * 4 + (2 - mlp_layers) * 6
+    assert calls["given"] == 2 * mlp_layers
+    assert all(s is None or s.boxes == [] for s in stashes)  # host copies released after backward
+    assert loss_w == pytest.approx(loss_p, rel=1e-6)
+    for name in grads_p:
+        torch.testing.assert_close(grads_w[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+    loss_2, _, grads_2 = _loss_and_grads(wrapped, batch)  # a second step records afresh
+    assert loss_2 == pytest.approx(loss_p, rel=1e-6)
+
+
+def test_mlp_stash_is_checked():
+    from deftune.config import recipe_from_dict
+
+    with pytest.raises(DeftuneError, match="train.offload_mlp_layers needs train.offload_activations"):
+        recipe_from_dict({"train": {"offload_mlp_layers": 2}})
+    with pytest.raises(DeftuneError, match="cannot be combined"):
+        recipe_from_dict({"train": {"offload_mlp_layers": 2, "offload_activations": True, "mlp_tile_tokens": 64}})
+    with pytest.raises(DeftuneError, match="train.offload_mlp_layers must be >= 0"):
+        recipe_from_dict({"train": {"offload_mlp_layers": -1}})
+    fast = _lora_model("llama")
+    apply_fast_path(fast, log=lambda _: None)
+    with pytest.raises(DeftuneError, match=r"train.offload_mlp_layers=3: must be 0..2"):
+        offload.wrap_decoder_layers(fast, mlp_layers=3)
+    with pytest.raises(DeftuneError, match="needs model.fast"):
+        offload.wrap_decoder_layers(_lora_model("llama"), mlp_layers=1)
+    dropout = _lora_model("llama", dropout=0.1)
+    apply_fast_path(dropout, log=lambda _: None)
+    with pytest.raises(DeftuneError, match=r"gate_proj is LoRALinear with dropout"):
+        offload.wrap_decoder_layers(dropout, mlp_layers=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mlp_stash_on_cuda():
+    plain = _lora_model("llama").train()
+    apply_fast_path(plain, log=lambda _: None)
+    wrapped = copy.deepcopy(plain)
+    offload.enable_offloaded_checkpointing(wrapped, torch.device("cuda"), mlp_layers=2)
+    batch = _batch()
+    loss_p, _, grads_p = _loss_and_grads(plain, batch)
+    for _step in range(2):
+        loss_w, _, grads_w = _loss_and_grads(wrapped, batch)
+        assert loss_w == pytest.approx(loss_p, rel=1e-5)
+        for name in grads_p:
+            torch.testing.assert_close(grads_w[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -48,3 +48,21 @@ def test_swiglu_non_contiguous_inputs():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu_real_shape_gpu(dtype):
     _compare((8192, 14336), dtype)  # Llama-3-8B MLP width
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_inplace_backward_same_gradients_written_over_the_inputs(dtype):
+    """inplace_backward: gradients equal the reference's and land in gate's and up's own storage."""
+    g0 = leaf((4 * torch.randn(3, 1031, device=DEVICE)).to(dtype))
+    u0 = leaf(torch.randn(3, 1031, device=DEVICE).to(dtype))
+    dh = torch.randn(3, 1031, device=DEVICE).to(dtype)
+    gate, up = g0 * 1, u0 * 1  # non-leaf inputs, as the MLP's projections produce
+    out = swiglu(gate, up, inplace_backward=True)
+    gr, ur = leaf(g0.detach()), leaf(u0.detach())
+    ref = swiglu_reference(gr, ur)
+    assert_close(out, ref, dtype)
+    out.backward(dh)
+    ref.backward(dh)
+    assert_close(g0.grad, gr.grad, dtype)
+    assert_close(u0.grad, ur.grad, dtype)
+    assert torch.equal(gate.detach(), g0.grad) and torch.equal(up.detach(), u0.grad)

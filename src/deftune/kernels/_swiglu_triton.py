@@ -5,6 +5,8 @@ Kept apart from :mod:`.swiglu` so triton is imported (and ``TRITON_INTERPRET`` r
 forward   h = g * s * u,  s = sigmoid(g)
 backward  dg = dh * u * s * (1 + g * (1 - s)),   du = dh * g * s
 Only g and u are saved; s is recomputed in the backward (one exp per element is cheaper than a tensor).
+With ``inplace_backward`` dg and du overwrite g and u (each element is read before it is written, by the
+same program): the MLP's two largest backward buffers are then never allocated.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class SwiGLUFunction(torch.autograd.Function):
     """Fused ``silu(gate) * up``: the silu output is never stored; backward recomputes it."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
         if gate.shape != up.shape:
             raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
         gate, up = gate.contiguous(), up.contiguous()
@@ -57,19 +59,23 @@ class SwiGLUFunction(torch.autograd.Function):
         if n:
             _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK)
         ctx.save_for_backward(gate, up)
+        ctx.inplace_backward = inplace_backward
         return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         gate, up = ctx.saved_tensors
         dh = dh.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        if ctx.inplace_backward:
+            dg, du = gate, up
+        else:
+            dg, du = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
             _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dg, du, n, BLOCK=_BLOCK)
-        return dg, du
+        return dg, du, None
 
 
-def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
     """Triton ``silu(gate) * up`` (see :func:`deftune.kernels.swiglu.swiglu`)."""
-    return SwiGLUFunction.apply(gate, up)
+    return SwiGLUFunction.apply(gate, up, inplace_backward)

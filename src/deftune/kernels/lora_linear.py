@@ -1,4 +1,4 @@
-"""LoRA linear layer as one autograd.Function whose backward works in rank space.
+"""LoRA linear layer whose backward works in rank space (two small autograd Functions).
 
 LoRA (Hu et al. 2021, arXiv:2106.09685) with a frozen base W0 [out, in], A [r, in], B [out, r]:
 
@@ -16,6 +16,9 @@ from them, never forming an [out, in] matrix:
 Everything is computed in W0's dtype (bf16 on a GPU), and dA, dB are returned in A's and B's dtype
 (float32 master weights). A base that stores its weight quantized exposes ``dequantize()`` (4-bit NF4):
 W0 is dequantized in forward and again in backward, so the full-precision copy is never kept alive.
+The adapter term and the base GEMM are separate Functions (the GEMM saves nothing and runs last), so a
+checkpointed layer's recompute stops before its final GEMM, and a recompute may be handed the GEMM's output
+instead of running it (:func:`lora_linear_given`).
 Only valid without LoRA dropout (dropout would need its mask saved); the patch leaves such modules alone.
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["lora_linear", "base_weight"]
+__all__ = ["base_weight", "lora_linear", "lora_linear_given"]
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
@@ -34,33 +37,36 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return base.weight
 
 
-class LoRALinearFunction(torch.autograd.Function):
+class LoRADeltaFunction(torch.autograd.Function):
+    """The adapter's term ``s (x A^T) B^T (+ b)``; its backward returns the *whole* dx (base included).
+
+    Saves x and u. Split from the base GEMM (:class:`FrozenAddmmFunction`, which saves nothing) so that
+    under non-reentrant checkpointing the last tensors a layer saves are saved *before* its last big GEMM:
+    torch stops a recompute as soon as every saved tensor is back (``early_stop``), so the MLP's down
+    projection -- whose output backward never reads -- is not recomputed at all.
+    """
+
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling):
-        w0 = base_weight(base)
-        dtype = w0.dtype
+    def forward(ctx, x, lora_a, lora_b, base, scaling, dtype):
         xc = x.to(dtype)
         x2 = xc.reshape(-1, xc.shape[-1])
         u = x2 @ lora_a.to(dtype).t()
-        # s folded into the [out, r] factor, and the adapter's term added in the base GEMM's epilogue
-        # (addmm's C input): no extra full-size passes over y for the scaling and the sum.
+        # s folded into the [out, r] factor; the sum with x W0^T happens in the base GEMM's epilogue.
         low = u @ (lora_b * scaling).to(dtype).t()
         if base.bias is not None:
             low = low + base.bias.to(dtype)
-        y = torch.addmm(low, x2, w0.t())
         ctx.base = base
         ctx.scaling = scaling
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(xc, u, lora_a, lora_b)
-        return y.reshape(*xc.shape[:-1], y.shape[-1])
+        return low
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy2):
         xc, u, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         dtype = xc.dtype
-        dy = dy.to(dtype)
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy2.to(dtype)
         x2 = xc.reshape(-1, xc.shape[-1])
         du = dy2 @ (lora_b * s).to(dtype)
         dx = da = db = None
@@ -72,11 +78,53 @@ class LoRALinearFunction(torch.autograd.Function):
             da = (du.t() @ x2).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
             db = ((dy2.t() @ u) * s).to(lora_b.dtype)
-        return dx, da, db, None, None
+        return dx, da, db, None, None, None
+
+
+class FrozenAddmmFunction(torch.autograd.Function):
+    """``low + x W0^T`` for a frozen W0, saving nothing: its gradient reaches x through ``low``'s
+    function (:class:`LoRADeltaFunction` computes dx = dy W0 + dU A in one GEMM)."""
+
+    @staticmethod
+    def forward(ctx, low, x2, w0):
+        return torch.addmm(low, x2, w0.t())
+
+    @staticmethod
+    def backward(ctx, dy2):
+        return dy2, None, None
+
+
+class GivenOutputFunction(torch.autograd.Function):
+    """Stands in for :class:`FrozenAddmmFunction` when its output is already known (a copy kept from the
+    first forward, see :mod:`deftune.kernels.offload`): returns ``value`` with the same backward."""
+
+    @staticmethod
+    def forward(ctx, low, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, dy2):
+        return dy2, None
 
 
 def lora_linear(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float) -> torch.Tensor:
     """``x W0^T + b + s (x A^T) B^T`` with the rank-space backward above; ``base`` is frozen (its
     weight and bias get no gradient)."""
-    return LoRALinearFunction.apply(x, lora_a, lora_b, base, scaling)
+    return lora_linear_given(x, base, lora_a, lora_b, scaling, None)
+
+
+def lora_linear_given(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      scaling: float, value: torch.Tensor | None) -> torch.Tensor:
+    """:func:`lora_linear`; when ``value`` (the output, [..., out]) is given the base GEMM is skipped and
+    ``value`` returned, with the same graph and saved tensors as a full call (for recomputation)."""
+    # W0 is read (dequantized, for a 4-bit base) only when the GEMM runs; its dtype is the compute dtype.
+    w0 = base_weight(base) if value is None else None
+    dtype = w0.dtype if value is None else value.dtype
+    low = LoRADeltaFunction.apply(x, lora_a, lora_b, base, scaling, dtype)
+    x2 = x.detach().to(dtype).reshape(-1, x.shape[-1])
+    if value is None:
+        y = FrozenAddmmFunction.apply(low, x2, w0)
+    else:
+        y = GivenOutputFunction.apply(low, value.reshape(low.shape[0], -1))
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -12,10 +12,22 @@ compute (it runs on its own stream); the copy back of layer i-1's input is start
 as layer i's recompute begins, so it overlaps layer i's backward instead of stalling the compute stream.
 Built on torch's non-reentrant checkpoint: the first forward runs on the real input (so the graph links
 the layer's output to it), the recompute runs on the restored copy, which holds the same values.
+
+MLP stash (``train.offload_mlp_layers``): in N layers the MLP's gate and up projection outputs -- the most
+expensive part of a Llama layer to recompute, 2 x T x I values from 2 x T x H x I multiply-adds -- are
+copied out too (:class:`MlpStash`), and the recompute takes them back instead of running those two GEMMs.
+With the early stop of torch's checkpoint (the down projection's GEMM runs after the layer's last saved
+tensor, see :mod:`deftune.kernels.lora_linear`), such a layer's recompute is only its attention half:
+per token the recompute drops from the whole layer's forward FLOPs to q/k/v/o + attention (~25% of it on
+Llama-3-8B). The price is PCIe traffic: 2 x T x I x 2 bytes per layer each way (470 MB at 8B, 8k tokens),
+so N is chosen so that the copies hide behind compute (the copy-out queue is capped at
+``MAX_PENDING_COPIES`` tensors: beyond it the compute stream waits instead of holding more GPU buffers).
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import functools
 import types
 
@@ -26,7 +38,17 @@ from torch.utils.checkpoint import checkpoint
 from deftune.errors import DeftuneError
 from deftune.models.arch import decoder_layers
 
-__all__ = ["OffloadedTensor", "enable_offloaded_checkpointing", "offloaded_checkpoint", "wrap_decoder_layers"]
+__all__ = ["MlpStash", "OffloadedTensor", "current_mlp_stash", "enable_offloaded_checkpointing",
+           "offloaded_checkpoint", "wrap_decoder_layers"]
+
+# Copy-out tensors allowed in flight before the compute stream waits (2 stashed MLPs' gate and up).
+MAX_PENDING_COPIES = 4
+_STASH: contextvars.ContextVar[MlpStash | None] = contextvars.ContextVar("deftune_mlp_stash", default=None)
+
+
+def current_mlp_stash() -> MlpStash | None:
+    """The stash of the layer whose checkpointed forward is running now (None outside one)."""
+    return _STASH.get()
 
 
 class OffloadedTensor:
@@ -85,17 +107,77 @@ class OffloadedTensor:
         return out.requires_grad_(self.requires_grad)
 
 
-def offloaded_checkpoint(fn, hidden: torch.Tensor, *args, stream=None, prev=None, **kwargs):
+class MlpStash:
+    """One layer's MLP projection outputs kept in host memory between its forward and its recompute.
+
+    ``recording`` (first forward): :meth:`keep` copies each output out on the side stream. Recompute:
+    :meth:`take` hands them back in the same order. ``below`` is the next stashed layer under this one: its
+    copies back start when this layer's are consumed, so they overlap this layer's backward.
+    """
+
+    def __init__(self, stream=None, pending: collections.deque | None = None):
+        self.stream = stream
+        self.pending = pending if pending is not None else collections.deque()
+        self.boxes: list[OffloadedTensor] = []
+        self.recording = True
+        self.cursor = 0
+        self.below: MlpStash | None = None
+
+    def start(self, recording: bool) -> None:
+        self.recording = recording
+        self.cursor = 0
+        if recording:
+            self.boxes = []
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        if tensor.is_cuda:
+            # Bound the GPU memory held by copies that have not finished: wait (on the GPU, no host sync)
+            # for the oldest before queueing another.
+            current = torch.cuda.current_stream(tensor.device)
+            while len(self.pending) >= MAX_PENDING_COPIES:
+                current.wait_event(self.pending.popleft())
+        box = OffloadedTensor(tensor.detach(), self.stream)
+        if box.event is not None:
+            self.pending.append(box.event)
+        self.boxes.append(box)
+
+    def prefetch(self) -> None:
+        for box in self.boxes:
+            box.prefetch()
+
+    def take(self) -> torch.Tensor:
+        if self.cursor >= len(self.boxes):
+            raise RuntimeError("MLP stash: the recompute asked for more tensors than the forward kept")
+        box = self.boxes[self.cursor]
+        self.cursor += 1
+        out = box.restore()
+        if self.cursor == len(self.boxes):
+            self.boxes = []  # the host copies are released once the last is back on the GPU
+            if self.below is not None:
+                self.below.prefetch()
+        return out
+
+
+def offloaded_checkpoint(fn, hidden: torch.Tensor, *args, stream=None, prev=None, stash=None, **kwargs):
     """``fn(hidden, *args, **kwargs)`` checkpointed, with ``hidden`` held only as an OffloadedTensor.
-    ``prev`` is the box of the layer run just before (prefetched back when this one is restored)."""
+    ``prev`` is the box of the layer run just before (prefetched back when this one is restored);
+    ``stash`` an :class:`MlpStash` made current while ``fn`` runs (forward: recording; recompute: replay)."""
     box = OffloadedTensor(hidden, stream)
     box.prev = prev
     live = [hidden]
 
     def run(_device_marker, *a, **kw):
         # First forward: the real input (its autograd edge). Recompute in backward: the restored copy.
-        h = live[0] if live[0] is not None else box.restore()
-        return fn(h, *a, **kw)
+        first = live[0] is not None
+        h = live[0] if first else box.restore()
+        if stash is None:
+            return fn(h, *a, **kw)
+        stash.start(recording=first)
+        token = _STASH.set(stash)
+        try:  # also left by torch's early-stop exception, which ends the recompute after the last save
+            return fn(h, *a, **kw)
+        finally:
+            _STASH.reset(token)
 
     # The empty marker only tells checkpoint which device's RNG state to stash; passing `hidden` itself
     # would keep it alive on the GPU until backward, which is what this module avoids.
@@ -112,21 +194,33 @@ def _offloaded_layer_forward(self, hidden_states, *args, **kwargs):
     if self._deftune_offload_index == 0:
         chain["last"] = None  # a new forward pass
     out, chain["last"] = offloaded_checkpoint(plain, hidden_states, *args, stream=self._deftune_offload_stream,
-                                              prev=chain["last"], **kwargs)
+                                              prev=chain["last"], stash=self._deftune_mlp_stash, **kwargs)
     return out
 
 
-def wrap_decoder_layers(model: nn.Module, keep_top: int = 0) -> int:
+def spread(n: int, total: int) -> list[int]:
+    """``n`` of ``range(total)`` spaced evenly (so copy-heavy layers alternate with ones that let the PCIe
+    queue drain)."""
+    return sorted({int((k + 0.5) * total / n) for k in range(n)}) if n else []
+
+
+def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0) -> int:
     """Make every decoder layer but the ``keep_top`` nearest the output (those keep their activations:
-    ``train.checkpoint_skip``) run through :func:`offloaded_checkpoint` in training. Returns the count.
+    ``train.checkpoint_skip``) run through :func:`offloaded_checkpoint` in training, ``mlp_layers`` of them
+    (spread evenly) with an :class:`MlpStash`. Returns how many layers are checkpointed.
 
     No device check (CPU runs it with host copies, for tests); training uses
     :func:`enable_offloaded_checkpointing`.
     """
     layers = list(decoder_layers(model))
     layers = layers[: len(layers) - keep_top]
+    if mlp_layers:
+        _check_stashable(model, layers, mlp_layers)
+    stashed = set(spread(mlp_layers, len(layers)))
     stream = None
     chain = {"last": None}
+    pending: collections.deque = collections.deque()
+    below = None
     for index, layer in enumerate(layers):
         device = next(layer.parameters()).device
         if device.type == "cuda" and stream is None:
@@ -134,13 +228,31 @@ def wrap_decoder_layers(model: nn.Module, keep_top: int = 0) -> int:
         layer._deftune_offload_stream = stream
         layer._deftune_offload_chain = chain
         layer._deftune_offload_index = index
+        layer._deftune_mlp_stash = None
+        if index in stashed:
+            layer._deftune_mlp_stash = MlpStash(stream, pending)
+            layer._deftune_mlp_stash.below = below
+            below = layer._deftune_mlp_stash
         layer.forward = types.MethodType(_offloaded_layer_forward, layer)
     return len(layers)
 
 
-def enable_offloaded_checkpointing(model: nn.Module, device: torch.device, keep_top: int = 0) -> int:
+def _check_stashable(model: nn.Module, layers: list, mlp_layers: int) -> None:
+    from deftune.kernels.patch import stash_ready
+
+    if mlp_layers < 0 or mlp_layers > len(layers):
+        raise DeftuneError(f"train.offload_mlp_layers={mlp_layers}: must be 0..{len(layers)} (the checkpointed "
+                           f"decoder layers: all minus train.checkpoint_skip)")
+    why = stash_ready(model)
+    if why:
+        raise DeftuneError(f"train.offload_mlp_layers needs {why}")
+
+
+def enable_offloaded_checkpointing(model: nn.Module, device: torch.device, keep_top: int = 0,
+                                   mlp_layers: int = 0) -> int:
     """``train.offload_activations``: checkpoint each decoder layer (but the top ``keep_top``) with its
-    input in pinned CPU memory."""
+    input in pinned CPU memory; ``train.offload_mlp_layers``: ``mlp_layers`` of them stash their MLP's
+    gate/up outputs too."""
     if torch.device(device).type != "cuda":
         raise DeftuneError("train.offload_activations needs a CUDA GPU")
-    return wrap_decoder_layers(model, keep_top)
+    return wrap_decoder_layers(model, keep_top, mlp_layers)

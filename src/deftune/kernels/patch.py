@@ -28,6 +28,8 @@ from torch import nn
 
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.kernels.linear_ce import linear_cross_entropy
+from deftune.kernels.lora_linear import lora_linear_given
+from deftune.kernels.offload import current_mlp_stash
 from deftune.kernels.rmsnorm import rms_norm
 from deftune.kernels.rope import rope_qk
 from deftune.kernels.swiglu import swiglu
@@ -48,7 +50,35 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    stash = current_mlp_stash()
+    if stash is None:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    elif stash.recording:  # first forward of a layer that keeps its gate/up outputs in host memory
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        stash.keep(gate)
+        stash.keep(up)
+    else:  # its recompute: the same graph and saved tensors, the two GEMMs' outputs handed back
+        gate, up = _given(self.gate_proj, x, stash.take()), _given(self.up_proj, x, stash.take())
+    # gate and up feed nothing but the product, so its backward may overwrite them with their gradients.
+    return self.down_proj(swiglu(gate, up, inplace_backward=True))
+
+
+def _given(proj: nn.Module, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return lora_linear_given(x, proj.base_layer, proj.lora_A.weight, proj.lora_B.weight, proj.scaling, value)
+
+
+def stash_ready(model: nn.Module) -> str:
+    """Empty when every MLP can hand its gate/up outputs to :class:`deftune.kernels.offload.MlpStash`
+    (fast path on, gate_proj and up_proj fused LoRA projections), else what is missing."""
+    if not is_fast(model) or not model._deftune_fast_counts.get("swiglu"):
+        return "model.fast on a Llama, Qwen2/3 or Mistral model (its patched MLPs keep the outputs)"
+    for name, mlp in pieces(model).mlps:
+        for proj in ("gate_proj", "up_proj"):
+            module = getattr(mlp, proj, None)
+            if not (isinstance(module, LoRALinear) and module.fused):
+                return (f"LoRA without dropout on gate_proj and up_proj of every MLP ({name}.{proj} is "
+                        f"{type(module).__name__}{'' if not isinstance(module, LoRALinear) else ' with dropout'})")
+    return ""
 
 
 def _attention_interface(module: nn.Module) -> Callable:

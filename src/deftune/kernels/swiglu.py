@@ -22,12 +22,14 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
     """``silu(gate) * up`` elementwise (same shapes), fused in Triton on CUDA (or under
     ``TRITON_INTERPRET=1``), else the reference. The backward recomputes ``sigmoid(gate)`` from the saved
-    inputs instead of keeping extra activations."""
+    inputs instead of keeping extra activations. ``inplace_backward``: the Triton backward writes the
+    gradients over ``gate`` and ``up`` -- only for callers that never read those tensors after backward
+    (the patched MLP, whose gate/up outputs feed nothing else)."""
     if use_triton(gate, up):
         from deftune.kernels._swiglu_triton import swiglu_triton
 
-        return swiglu_triton(gate, up)
+        return swiglu_triton(gate, up, inplace_backward)
     return swiglu_reference(gate, up)
