@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--fast", type=int, default=1)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
     ap.add_argument("--offload", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more recipe overrides, e.g. train.offload_mlp_layers=8 (repeatable)")
     a = ap.parse_args()
     import torch
 
@@ -178,7 +180,8 @@ def main() -> None:
         return
     if a.make:
         row["make"] = make_model_folder(a.shape, a.model_dir, a.device)
-    built = build(a.model_dir, a.device, bool(a.fast), a.quantize, bool(a.offload), a.rank, a.seq)
+    built = build(a.model_dir, a.device, bool(a.fast), a.quantize, bool(a.offload), a.rank, a.seq,
+                  tuple(a.set))
     if "model" not in built:
         emit({**row, **built})
         return

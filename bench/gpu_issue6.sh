@@ -19,7 +19,11 @@
 # (each call may land on a fresh machine: the script reinstalls the wheels and remakes /tmp folders).
 set -uo pipefail
 OUTDIR=${1:?usage: bash bench/gpu_issue6.sh OUTDIR}
-PARTS=${PARTS:-"1b 8b long"}
+PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), pcie (bench/pcie_bandwidth.py)
+# Extra gpu_peers arguments per shape (the environment cannot carry bash arrays): one string each,
+# split on '|', e.g. ARGS1='--only|deftune fast,unsloth|--variants|mlp8:train.offload_mlp_layers=8'
+IFS='|' read -r -a ARGS1 <<< "${ARGS1:-}"
+IFS='|' read -r -a ARGS8 <<< "${ARGS8:-}"
 B1=${B1:-180}; B8=${B8:-210}; BL=${BL:-120}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
@@ -41,15 +45,22 @@ say "setup done"
 
 for part in $PARTS; do
   case $part in
+    gputests)
+      say "pytest -m gpu"
+      timeout -k 5 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUTDIR/pytest_gpu.log"; rc=${PIPESTATUS[0]}
+      ;;
+    pcie)
+      timeout -k 5 60 $PY bench/pcie_bandwidth.py --out "$OUTDIR/pcie_bandwidth.json" 2>&1 | tee -a "$OUTDIR/gpu_issue6.log"; rc=${PIPESTATUS[0]}
+      ;;
     1b)
       say "gpu_peers llama-1b bs 8 (budget ${B1}s)"
       timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
-        --budget-s "$B1" --out "$OUTDIR/gpu_peers_llama-1b.json" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
+        --budget-s "$B1" --out "$OUTDIR/gpu_peers_llama-1b.json" "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
       ;;
     8b)
       say "gpu_peers llama-8b bs 4 (budget ${B8}s)"
       timeout -k 5 $((B8 + 30)) $PY bench/gpu_peers.py --shape llama-8b --bs 4 --seq 2048 --precisions 16,4 \
-        --budget-s "$B8" --out "$OUTDIR/gpu_peers_llama-8b.json" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
+        --budget-s "$B8" --out "$OUTDIR/gpu_peers_llama-8b.json" "${ARGS8[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
       ;;
     long)
       say "long_context llama-8b nf4 (budget ${BL}s)"
@@ -57,7 +68,7 @@ for part in $PARTS; do
         --lengths 32768,65536,131072 --cap-gb 80 --mlp-tile "${MLP_TILE:-8192}" --extend-step 65536 --max-len 524288 --budget-s "$BL" \
         --out "$OUTDIR/long_context.json" 2>&1 | tee "$OUTDIR/long_context.log"; rc=${PIPESTATUS[0]}
       ;;
-    *) say "unknown part $part (known: 1b 8b long)"; rc=2 ;;
+    *) say "unknown part $part (known: gputests pcie 1b 8b long)"; rc=2 ;;
   esac
   say "$part finished (exit $rc; 124 = hard timeout, the JSON keeps the rows done before it)"
 done

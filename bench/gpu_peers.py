@@ -47,17 +47,40 @@ from _bench_common import SHAPES, flops_per_token, parse_result, versions  # noq
 SPEED_TARGET = 1.15
 
 
-def row_plan(precisions: list[int], offload: bool) -> list[dict]:
-    """(name, precision, runner args) in the order they run: what the targets need first."""
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for kv in overrides for arg in ("--set", kv)]
+
+
+def parse_variants(text: str) -> list[tuple[str, list[str]]]:
+    """``"mlp8:train.offload_mlp_layers=8;skip2:train.checkpoint_skip=2,train.offload_mlp_layers=4"`` ->
+    [(label, [key=value, ...]), ...]."""
+    out = []
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        label, _, kvs = part.partition(":")
+        out.append((label.strip(), [kv.strip() for kv in kvs.split(",") if kv.strip()]))
+    return out
+
+
+def row_plan(precisions: list[int], offload: bool, primary_set: tuple[str, ...] = (),
+             variants: tuple[tuple[str, list[str]], ...] = ()) -> list[dict]:
+    """(name, precision, runner args) in the order they run: what the targets need first. ``primary_set``:
+    recipe overrides of the primary deftune rows; ``variants``: extra deftune fast rows (16-bit, then
+    nf4) with their own overrides, run right after the primary rows."""
     dt = ["_deftune_step.py"]
     fast16 = {"name": "deftune fast", "precision": 16, "primary": True,
-              "cmd": dt + ["--fast", "1", "--quantize", "none", "--offload", str(int(offload))]}
+              "cmd": dt + ["--fast", "1", "--quantize", "none", "--offload", str(int(offload))] + _sets(primary_set)}
     fast4 = {"name": "deftune fast nf4", "precision": 4, "primary": True,
-             "cmd": dt + ["--fast", "1", "--quantize", "nf4", "--offload", str(int(offload))]}
+             "cmd": dt + ["--fast", "1", "--quantize", "nf4", "--offload", str(int(offload))] + _sets(primary_set)}
+    extra = [{"name": f"deftune fast{' nf4' if prec == 4 else ''} {label}", "precision": prec,
+              "cmd": dt + ["--fast", "1", "--quantize", "nf4" if prec == 4 else "none", "--offload",
+                           str(int(offload))] + _sets(kvs)}
+             for prec in (16, 4) for label, kvs in variants]
     plan = [
         fast16,
+        *[r for r in extra if r["precision"] == 16],
         {"name": "unsloth", "precision": 16, "cmd": ["_unsloth_step.py"], "cuda_only": True, "peer": True},
         fast4,
+        *[r for r in extra if r["precision"] == 4],
         {"name": "unsloth 4bit", "precision": 4, "cmd": ["_unsloth_step.py", "--load4bit"], "cuda_only": True,
          "peer": True},
         {"name": "hf+peft", "precision": 16, "cmd": ["_hf_step.py"]},
@@ -159,6 +182,10 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=0, help="skip rows that no longer fit (0 = no budget)")
     ap.add_argument("--row-timeout-s", type=float, default=240)
     ap.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override of the primary deftune rows, e.g. train.offload_mlp_layers=8")
+    ap.add_argument("--variants", default="",
+                    help='extra deftune rows: "label:key=v,key=v;label2:..." (each in 16- and 4-bit)')
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, _on_term)
     t_start = time.time()
@@ -246,7 +273,8 @@ def main() -> int:
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     common = ["--model-dir", model_dir, "--shape", a.shape, "--bs", str(a.bs), "--seq", str(a.seq),
               "--steps", str(a.steps)]
-    for spec in row_plan(precisions, bool(a.offload)):
+    result["workload"]["deftune_primary_overrides"] = list(a.set)
+    for spec in row_plan(precisions, bool(a.offload), tuple(a.set), tuple(parse_variants(a.variants))):
         if only and spec["name"] not in only:
             continue
         row = {"name": spec["name"], "precision": spec["precision"]}

@@ -41,8 +41,9 @@ from deftune.models.arch import decoder_layers
 __all__ = ["MlpStash", "OffloadedTensor", "current_mlp_stash", "enable_offloaded_checkpointing",
            "offloaded_checkpoint", "wrap_decoder_layers"]
 
-# Copy-out tensors allowed in flight before the compute stream waits (2 stashed MLPs' gate and up).
-MAX_PENDING_COPIES = 4
+# Copy-out tensors allowed in flight before the compute stream waits (one stashed MLP's gate and up:
+# more would hold that much more GPU memory while the PCIe link catches up).
+MAX_PENDING_COPIES = 2
 _STASH: contextvars.ContextVar[MlpStash | None] = contextvars.ContextVar("deftune_mlp_stash", default=None)
 
 
