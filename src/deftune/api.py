@@ -90,6 +90,11 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
         from deftune.kernels.patch import apply_fast_path
 
         apply_fast_path(model)
+    if recipe.model.sdpa_backend != "auto":
+        from deftune.kernels.sdpa import prefer_sdpa_backend
+
+        print(f"attention: {prefer_sdpa_backend(model, recipe.model.sdpa_backend)} modules try torch's "
+              f"{recipe.model.sdpa_backend} SDPA kernel first")
     if recipe.train.offload_activations:
         from deftune.kernels.offload import enable_offloaded_checkpointing
         from deftune.models.arch import num_layers

@@ -31,6 +31,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Attention implementation passed to transformers ("sdpa", "eager", ...); "auto" lets it choose.
     attn_implementation: str = "auto"
+    # With sdpa attention: the kernel torch tries first ("cudnn", "flash", "efficient", "math"; it falls
+    # back down the list when that one cannot run the inputs); "auto" keeps torch's own order.
+    sdpa_backend: str = "auto"
     # Where dequantized GGUF models are cached as safetensors ("" = ~/.cache/deftune/gguf).
     cache_dir: str = ""
     # Fast path: fused kernels (RMSNorm, RoPE, SwiGLU, LoRA linear, LM head + cross-entropy) for Llama,
@@ -43,6 +46,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise DeftuneError(f"model.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.sdpa_backend not in ("auto", "cudnn", "flash", "efficient", "math"):
+            raise DeftuneError(f"model.sdpa_backend must be auto, cudnn, flash, efficient or math, got "
+                               f"{self.sdpa_backend!r}")
         if self.quantize not in ("none", "nf4"):
             raise DeftuneError(f"model.quantize must be none or nf4, got {self.quantize!r}")
 

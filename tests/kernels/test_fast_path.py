@@ -558,3 +558,46 @@ def test_mlp_stash_on_cuda():
         assert loss_w == pytest.approx(loss_p, rel=1e-5)
         for name in grads_p:
             torch.testing.assert_close(grads_w[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# --- model.sdpa_backend ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_sdpa_backend_is_entered_around_every_attention_forward(monkeypatch, fast):
+    """The preferred kernel is first in torch's priority list while each attention forward runs (also its
+    recompute); outputs are unchanged."""
+    from deftune.kernels import sdpa
+
+    model = _lora_model("llama").train()
+    model.config._attn_implementation = "sdpa"
+    if fast:
+        apply_fast_path(model, log=lambda _: None)
+    batch = _batch()
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], use_cache=False).logits
+    entered = []
+    real = sdpa.sdpa_kernel
+
+    def recording(order, set_priority=False):
+        entered.append((order[0], set_priority))
+        return real(order, set_priority=set_priority)
+
+    monkeypatch.setattr(sdpa, "sdpa_kernel", recording)
+    assert sdpa.prefer_sdpa_backend(model, "math") == 2
+    with torch.no_grad():
+        after = model(input_ids=batch["input_ids"], use_cache=False).logits
+    assert entered == [(torch.nn.attention.SDPBackend.MATH, True)] * 2
+    torch.testing.assert_close(after, before)
+
+
+def test_sdpa_backend_is_checked():
+    from deftune.config import recipe_from_dict
+    from deftune.kernels.sdpa import prefer_sdpa_backend
+
+    with pytest.raises(DeftuneError, match="model.sdpa_backend must be auto, cudnn"):
+        recipe_from_dict({"model": {"sdpa_backend": "fa3"}})
+    model = _lora_model("llama")
+    model.config._attn_implementation = "eager"
+    with pytest.raises(DeftuneError, match="applies to model.attn_implementation=sdpa; this model runs 'eager'"):
+        prefer_sdpa_backend(model, "cudnn")
