@@ -124,7 +124,8 @@ def test_fast_path_logits_loss_and_grads_match_plain(family):
 
 def test_fast_path_really_calls_every_kernel(monkeypatch):
     """Guard against a patch that silently leaves the model's own code running."""
-    calls = {"rms_norm": 0, "rope_qk": 0, "swiglu": 0, "linear_cross_entropy": 0, "lora_linear": 0}
+    calls = {"rms_norm": 0, "rope_qk": 0, "swiglu": 0, "swiglu_lora_linear": 0, "linear_cross_entropy": 0,
+             "lora_linear": 0}
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -132,7 +133,7 @@ def test_fast_path_really_calls_every_kernel(monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    for name in ("rms_norm", "rope_qk", "swiglu", "linear_cross_entropy"):
+    for name in ("rms_norm", "rope_qk", "swiglu", "swiglu_lora_linear", "linear_cross_entropy"):
         monkeypatch.setattr(patch, name, counting(name, getattr(patch, name)))
     import deftune.kernels.lora_linear as lora_linear_module
 
@@ -140,7 +141,9 @@ def test_fast_path_really_calls_every_kernel(monkeypatch):
     model = _lora_model("qwen3")
     apply_fast_path(model, log=lambda _: None)
     response_loss_sum(model, _batch())
-    assert calls == {"rms_norm": 9, "rope_qk": 2, "swiglu": 2, "linear_cross_entropy": 1, "lora_linear": 14}
+    # A LoRA down projection takes the product inside its own Function (swiglu_lora_linear).
+    assert calls == {"rms_norm": 9, "rope_qk": 2, "swiglu": 0, "swiglu_lora_linear": 2, "linear_cross_entropy": 1,
+                     "lora_linear": 12}
 
 
 def test_fast_path_generation_matches_plain():
@@ -249,6 +252,7 @@ def test_lora_linear_bf16_base_fp32_adapters_and_dequantize():
             super().__init__()
             self.packed = weight.clone()
             self.bias = None
+            self.compute_dtype = weight.dtype
             self.calls = 0
 
         def dequantize(self):
@@ -601,3 +605,29 @@ def test_sdpa_backend_is_checked():
     model.config._attn_implementation = "eager"
     with pytest.raises(DeftuneError, match="applies to model.attn_implementation=sdpa; this model runs 'eager'"):
         prefer_sdpa_backend(model, "cudnn")
+
+
+def test_fast_mlp_saves_gate_and_up_only():
+    """The patched MLP keeps two [T, I] tensors per layer for backward (gate and up; the SwiGLU product
+    is rebuilt in backward), and its gradients equal the plain MLP's."""
+    model = _lora_model("llama").train()
+    plain = copy.deepcopy(model)
+    apply_fast_path(model, log=lambda _: None)
+    batch = _batch()
+    intermediate = model.config.intermediate_size
+    tokens = batch["input_ids"].numel()
+    widths = []
+
+    def pack(t):
+        if t.numel() == tokens * intermediate:  # activations [T, I]; not down_proj's lora_A [r, I]
+            widths.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        response_loss_sum(model, batch)
+    assert len(set(widths)) == 2 * model.config.num_hidden_layers
+    loss_p, _, grads_p = _loss_and_grads(plain, batch)
+    loss_f, _, grads_f = _loss_and_grads(model, batch)
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -66,3 +66,27 @@ def test_swiglu_inplace_backward_same_gradients_written_over_the_inputs(dtype):
     assert_close(g0.grad, gr.grad, dtype)
     assert_close(u0.grad, ur.grad, dtype)
     assert torch.equal(gate.detach(), g0.grad) and torch.equal(up.detach(), u0.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_into_lora_down_projection_matches_reference(dtype):
+    """swiglu_lora_linear (the patched MLP's SwiGLU + LoRA down projection, h rebuilt in backward, gradients
+    written over gate/up) equals down(silu(g) * u) + s (h A^T) B^T step by step through autograd."""
+    from deftune.kernels.lora_linear import swiglu_lora_linear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(40, 24, bias=False).to(DEVICE, dtype).requires_grad_(False)
+    a = leaf(0.1 * torch.randn(4, 40, device=DEVICE))
+    b = leaf(0.1 * torch.randn(24, 4, device=DEVICE))
+    g0 = leaf((3 * torch.randn(2, 9, 40, device=DEVICE)).to(dtype))
+    u0 = leaf(torch.randn(2, 9, 40, device=DEVICE).to(dtype))
+    dy = torch.randn(2, 9, 24, device=DEVICE).to(dtype)
+    out = swiglu_lora_linear(g0 * 1, u0 * 1, base, a, b, 2.0)
+    gr, ur, ar, br = (leaf(t.detach()) for t in (g0, u0, a, b))
+    h = swiglu_reference(gr, ur)
+    ref = base(h) + ((h.float() @ ar.t() @ br.t()) * 2.0).to(dtype)
+    assert_close(out, ref, dtype)
+    out.backward(dy)
+    ref.backward(dy)
+    for got, want in ((g0.grad, gr.grad), (u0.grad, ur.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        assert_close(got, want, dtype)

@@ -46,6 +46,23 @@ def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dh * g * s).to(DU.dtype.element_ty), mask=mask)
 
 
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up for contiguous same-shape tensors (no autograd)."""
+    h = torch.empty(gate.shape, dtype=torch.result_type(gate, up), device=gate.device)
+    n = gate.numel()
+    if n:
+        _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK)
+    return h
+
+
+def swiglu_bwd_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) written over (gate, up) (no autograd; contiguous same-shape tensors)."""
+    n = gate.numel()
+    if n:
+        _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh.contiguous(), gate, up, gate, up, n, BLOCK=_BLOCK)
+    return gate, up
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """Fused ``silu(gate) * up``: the silu output is never stored; backward recomputes it."""
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["base_weight", "lora_linear", "lora_linear_given"]
+from deftune.kernels.swiglu import swiglu_backward_, swiglu_values
+
+__all__ = ["base_weight", "compute_dtype", "lora_linear", "lora_linear_given", "swiglu_lora_linear"]
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
@@ -35,6 +37,16 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     if hasattr(base, "dequantize"):
         return base.dequantize()
     return base.weight
+
+
+def compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype W0 is used in: its ``weight``'s (a 4-bit layer exposes one in its compute dtype), else the
+    declared ``compute_dtype``, else the dequantized weight's."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    declared = getattr(base, "compute_dtype", None)
+    return declared if declared is not None else base_weight(base).dtype
 
 
 class LoRADeltaFunction(torch.autograd.Function):
@@ -118,13 +130,61 @@ def lora_linear_given(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lo
                       scaling: float, value: torch.Tensor | None) -> torch.Tensor:
     """:func:`lora_linear`; when ``value`` (the output, [..., out]) is given the base GEMM is skipped and
     ``value`` returned, with the same graph and saved tensors as a full call (for recomputation)."""
-    # W0 is read (dequantized, for a 4-bit base) only when the GEMM runs; its dtype is the compute dtype.
-    w0 = base_weight(base) if value is None else None
-    dtype = w0.dtype if value is None else value.dtype
+    dtype = compute_dtype(base) if value is None else value.dtype
     low = LoRADeltaFunction.apply(x, lora_a, lora_b, base, scaling, dtype)
     x2 = x.detach().to(dtype).reshape(-1, x.shape[-1])
     if value is None:
-        y = FrozenAddmmFunction.apply(low, x2, w0)
+        # W0 read (dequantized, for a 4-bit base) after the last save: a recompute stops before this.
+        y = FrozenAddmmFunction.apply(low, x2, base_weight(base))
     else:
         y = GivenOutputFunction.apply(low, value.reshape(low.shape[0], -1))
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class SwiGLULoRADeltaFunction(torch.autograd.Function):
+    """SwiGLU followed by the adapter term of the down projection: with h = silu(g) * u (Shazeer 2020,
+    arXiv:2002.05202) returns ``(s (h A^T) B^T, h)``, h without gradient (it only feeds the base GEMM,
+    whose dx this backward computes). Saves g, u and the rank-r product h A^T, *not* h: the backward
+    rebuilds h for dA = dU^T h and frees it before dh = dy W0 + dU A exists, so the MLP's backward peak
+    holds three [T, I] tensors (g, u, then h or dh), not four; dg and du are written over g and u."""
+
+    @staticmethod
+    def forward(ctx, gate, up, lora_a, lora_b, base, scaling, dtype):
+        h = swiglu_values(gate, up).to(dtype)
+        h2 = h.reshape(-1, h.shape[-1])
+        hu = h2 @ lora_a.to(dtype).t()
+        low = hu @ (lora_b * scaling).to(dtype).t()
+        if base.bias is not None:
+            low = low + base.bias.to(dtype)
+        ctx.base, ctx.scaling = base, scaling
+        ctx.mark_non_differentiable(h2)
+        ctx.save_for_backward(gate, up, hu, lora_a, lora_b)
+        return low, h2
+
+    @staticmethod
+    def backward(ctx, dy2, _dh2_unused):
+        gate, up, hu, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scaling
+        dtype = hu.dtype
+        dy2 = dy2.to(dtype)
+        du = dy2 @ (lora_b * s).to(dtype)
+        db = ((dy2.t() @ hu) * s).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
+        da = None
+        if ctx.needs_input_grad[2]:
+            h = swiglu_values(gate, up).to(dtype)  # rebuilt, used, freed
+            da = (du.t() @ h.reshape(-1, h.shape[-1])).to(lora_a.dtype)
+            del h
+        dh = torch.addmm(du @ lora_a.to(dtype), dy2, base_weight(ctx.base).to(dtype)).reshape(gate.shape)
+        dg, dup = swiglu_backward_(dh.to(gate.dtype), gate.contiguous(), up.contiguous())
+        return dg, dup, da, db, None, None, None
+
+
+def swiglu_lora_linear(gate: torch.Tensor, up: torch.Tensor, base: nn.Module, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``down(silu(gate) * up)`` for a LoRA down projection (frozen ``base``), as
+    :class:`SwiGLULoRADeltaFunction` + the saving-nothing base GEMM. ``gate`` and ``up`` are overwritten
+    by their gradients in backward (the MLP's own outputs, read by nothing else)."""
+    dtype = compute_dtype(base)
+    low, h2 = SwiGLULoRADeltaFunction.apply(gate, up, lora_a, lora_b, base, scaling, dtype)
+    y = FrozenAddmmFunction.apply(low, h2, base_weight(base))
+    return y.reshape(*gate.shape[:-1], y.shape[-1])

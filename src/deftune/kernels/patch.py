@@ -28,7 +28,7 @@ from torch import nn
 
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.kernels.linear_ce import linear_cross_entropy
-from deftune.kernels.lora_linear import lora_linear_given
+from deftune.kernels.lora_linear import lora_linear_given, swiglu_lora_linear
 from deftune.kernels.offload import current_mlp_stash
 from deftune.kernels.rmsnorm import rms_norm
 from deftune.kernels.rope import rope_qk
@@ -60,7 +60,10 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     else:  # its recompute: the same graph and saved tensors, the two GEMMs' outputs handed back
         gate, up = _given(self.gate_proj, x, stash.take()), _given(self.up_proj, x, stash.take())
     # gate and up feed nothing but the product, so its backward may overwrite them with their gradients.
-    return self.down_proj(swiglu(gate, up, inplace_backward=True))
+    down = self.down_proj
+    if isinstance(down, LoRALinear) and down.fused and not down.merged:
+        return swiglu_lora_linear(gate, up, down.base_layer, down.lora_A.weight, down.lora_B.weight, down.scaling)
+    return down(swiglu(gate, up, inplace_backward=True))
 
 
 def _given(proj: nn.Module, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from deftune.kernels import use_triton
 
-__all__ = ["swiglu", "swiglu_reference"]
+__all__ = ["swiglu", "swiglu_backward_", "swiglu_reference", "swiglu_values"]
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -33,3 +33,27 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
 
         return swiglu_triton(gate, up, inplace_backward)
     return swiglu_reference(gate, up)
+
+
+def swiglu_values(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` without autograd (for Functions with their own backward)."""
+    if use_triton(gate, up):
+        from deftune.kernels._swiglu_triton import swiglu_fwd
+
+        return swiglu_fwd(gate.contiguous(), up.contiguous())
+    return swiglu_reference(gate, up)
+
+
+def swiglu_backward_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) of ``silu(gate) * up`` for the upstream ``dh`` (formulas in the module docstring),
+    written over ``gate`` and ``up`` (contiguous), which the caller must not need afterwards."""
+    if use_triton(dh, gate, up):
+        from deftune.kernels._swiglu_triton import swiglu_bwd_
+
+        return swiglu_bwd_(dh, gate, up)
+    g, u, d = gate.float(), up.float(), dh.float()  # float32 inputs: these are gate and up themselves
+    s = torch.sigmoid(g)
+    dg, du = d * u * s * (1 + g * (1 - s)), d * g * s  # both computed before either input is written
+    gate.copy_(dg)
+    up.copy_(du)
+    return gate, up
