@@ -153,6 +153,36 @@ def train_step(built: dict, input_ids) -> float:
     return float(loss.detach())
 
 
+def phase_peaks(built: dict, input_ids) -> dict:
+    """One more step with the peak-memory counter reset between forward (incl. the fused loss), backward
+    and the optimizer step: which phase sets the row's peak (GiB)."""
+    import torch
+
+    from deftune.train.loop import autocast_context
+    from deftune.train.loss import response_loss_sum
+
+    model, optimizer = built["model"], built["optimizer"]
+    out = {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with autocast_context(built["device"]):
+        loss_sum, n = response_loss_sum(model, {"input_ids": input_ids, "labels": input_ids})
+    torch.cuda.synchronize()
+    out["forward"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    torch.cuda.reset_peak_memory_stats()
+    (loss_sum / n).backward()
+    torch.cuda.synchronize()
+    out["backward"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    torch.cuda.reset_peak_memory_stats()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, built["recipe"].train.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    out["optimizer"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True)
@@ -167,6 +197,7 @@ def main() -> None:
     ap.add_argument("--fast", type=int, default=1)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
     ap.add_argument("--offload", type=int, default=0)
+    ap.add_argument("--phase-peaks", type=int, default=0, help="after timing, one step with per-phase peaks")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="more recipe overrides, e.g. train.offload_mlp_layers=8 (repeatable)")
     a = ap.parse_args()
@@ -188,7 +219,13 @@ def main() -> None:
     on_cuda = a.device == "cuda"
     timing = timed_steps(lambda x: train_step(built, x), built["model"].config.vocab_size, a.bs, a.seq,
                          a.device, a.warmup, a.steps)
-    emit({**row, **timing, **_meta(built, on_cuda)})
+    meta = _meta(built, on_cuda)
+    if a.phase_peaks and on_cuda and timing.get("status") == "ok":
+        import torch
+
+        x = torch.randint(0, built["model"].config.vocab_size, (a.bs, a.seq), device=a.device)
+        meta["phase_peak_gib"] = phase_peaks(built, x)
+    emit({**row, **timing, **meta})
 
 
 def _meta(built: dict, on_cuda: bool) -> dict:
