@@ -90,6 +90,8 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
         from deftune.kernels.patch import apply_fast_path
 
         apply_fast_path(model)
+    if recipe.data.padding_free:
+        _check_padding_free(model)
     if recipe.model.sdpa_backend != "auto":
         from deftune.kernels.sdpa import prefer_sdpa_backend
 
@@ -110,6 +112,17 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
         print(f"MLP tiling: {tile_mlps(model, recipe.train.mlp_tile_tokens)} MLPs run over tiles of "
               f"{recipe.train.mlp_tile_tokens} tokens")
     return spec
+
+
+def _check_padding_free(model: nn.Module) -> None:
+    from deftune.kernels.patch import is_fast
+    from deftune.models.patch import pieces
+
+    counts = getattr(model, "_deftune_fast_counts", {}) if is_fast(model) else {}
+    if not counts.get("rope") or counts["rope"] != len(pieces(model).attention):
+        raise DeftuneError("data.padding_free needs model.fast: true on a Llama, Qwen2, Qwen3 or Mistral model "
+                           "(its attention forward is what keeps the examples of a row apart); "
+                           f"this model ({getattr(model.config, 'model_type', '?')}) has no such attention")
 
 
 def enable_checkpointing(recipe: Recipe, model: nn.Module) -> bool:

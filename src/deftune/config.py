@@ -71,6 +71,10 @@ class DataConfig:
     max_length: int = 1024
     # Pack several samples into one row of `max_length` tokens without cross-sample attention.
     packing: bool = False
+    # With packing: each micro-batch is one row of its examples back to back with no pad tokens, and
+    # attention runs within each example (variable-length kernels; needs model.fast on Llama/Qwen2/Qwen3/
+    # Mistral).
+    padding_free: bool = False
     # Fraction held out for evaluation when `eval` is empty.
     eval_fraction: float = 0.1
     # Seed of the train/eval split.
@@ -84,6 +88,9 @@ class DataConfig:
     max_eval_records: int = 0
 
     def __post_init__(self):
+        if self.padding_free and not self.packing:
+            raise DeftuneError("data.padding_free needs data.packing: true (it lays the packed examples end to "
+                               "end without padding)")
         if self.format not in ("auto", "query_response", "alpaca", "chat"):
             raise DeftuneError(
                 f"data.format must be auto, query_response, alpaca or chat, got {self.format!r}"

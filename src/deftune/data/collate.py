@@ -9,6 +9,11 @@ flex, and flash-attention uses the same positions for its varlen kernels. Two co
 - the forward pass must get ``position_ids`` and no ``attention_mask``;
 - it must run without a KV cache (``use_cache=False``): with a cache the detection is skipped and the
   examples of a row attend to one another.
+
+Padding-free (``data.padding_free``, :func:`padfree_collate`): the packs of a micro-batch are laid end to
+end in one row with no pad tokens at all, and ``cu_seqlens`` marks where each example starts; attention
+runs per example (:mod:`deftune.kernels.varlen`), so no compute is spent on padding and no T x T mask is
+built.
 """
 
 from __future__ import annotations
@@ -85,6 +90,27 @@ def pack_collate(
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+def padfree_collate(packs: list[list[Example]]) -> dict[str, torch.Tensor]:
+    """One row holding every example of ``packs`` back to back, no padding: ``input_ids``, ``labels``,
+    ``position_ids`` [1, N] (positions restart at 0 per example, each example's first label is -100 as in
+    :func:`pack_collate`) and ``cu_seqlens`` [n + 1] (int32, on the host: example e is tokens
+    cu_seqlens[e] .. cu_seqlens[e + 1])."""
+    examples = [ex for pack in packs for ex in pack]
+    if not examples:
+        raise DeftuneError("padding-free batch without examples")
+    ids, labels, positions, bounds = [], [], [], [0]
+    for ex in examples:
+        n = len(ex.input_ids)
+        ids.extend(ex.input_ids)
+        labels.extend([IGNORE_INDEX, *ex.labels[1:]])
+        positions.extend(range(n))
+        bounds.append(bounds[-1] + n)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seqlens": torch.tensor(bounds, dtype=torch.int32)}
+
+
 def batches(
     examples: list[Example],
     micro_batch: int,
@@ -95,12 +121,14 @@ def batches(
     shuffle: bool = True,
     packing: bool = False,
     max_length: int | None = None,
+    padding_free: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """One epoch of micro-batches, the same for the same ``(seed, epoch)``.
 
     Without packing each batch holds ``micro_batch`` examples padded to the longest; with packing the
     (shuffled) examples are packed into rows of ``max_length`` tokens and each batch holds
-    ``micro_batch`` rows. The last batch may be smaller.
+    ``micro_batch`` rows. The last batch may be smaller. ``padding_free`` (with packing): the same packs
+    per batch, laid end to end in one row without padding (:func:`padfree_collate`).
     """
     if micro_batch < 1:
         raise DeftuneError(f"micro_batch must be >= 1, got {micro_batch}")
@@ -113,6 +141,8 @@ def batches(
     if max_length is None:
         raise DeftuneError("packing needs max_length (the row length)")
     packs = pack_examples(order, max_length)
+    if padding_free:
+        return [padfree_collate(packs[i : i + micro_batch]) for i in range(0, len(packs), micro_batch)]
     return [
         pack_collate(packs[i : i + micro_batch], pad_id, max_length)
         for i in range(0, len(packs), micro_batch)

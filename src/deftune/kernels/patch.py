@@ -33,6 +33,7 @@ from deftune.kernels.offload import current_mlp_stash
 from deftune.kernels.rmsnorm import rms_norm
 from deftune.kernels.rope import rope_qk
 from deftune.kernels.swiglu import swiglu
+from deftune.kernels.varlen import is_segment_mask, varlen_causal_attention
 from deftune.models.patch import pieces
 
 __all__ = ["SUPPORTED", "apply_fast_path", "fast_loss_sum", "is_fast"]
@@ -135,6 +136,12 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
     cos, sin = position_embeddings
     query_states, key_states = rope_qk(query_states, key_states, cos, sin)
+
+    if is_segment_mask(attention_mask):  # a padding-free row (data.padding_free): attention per example
+        attn_output = varlen_causal_attention(query_states, key_states, value_states, attention_mask,
+                                              self.scaling, _sliding_window_kwargs(self).get("sliding_window"))
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), None
 
     attn_output, attn_weights = _attention_interface(self)(
         self,

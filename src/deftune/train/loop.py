@@ -93,8 +93,13 @@ def autocast_context(device: torch.device):
     return contextlib.nullcontext()
 
 
+# Batch entries read on the host (padding-free example boundaries): moving them would cost a device sync
+# each time the attention reads them.
+HOST_KEYS = frozenset({"cu_seqlens"})
+
+
 def move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -170,6 +175,7 @@ class Trainer:
         return batches(
             examples, self.cfg.micro_batch, self.pad_id, seed=self.cfg.seed, epoch=epoch,
             shuffle=True, packing=self.recipe.data.packing, max_length=self.recipe.data.max_length,
+            padding_free=self.recipe.data.padding_free,
         )
 
     def _epoch_length(self, epoch: int) -> int:

@@ -23,7 +23,13 @@ IGNORE_INDEX = -100
 
 def backbone_inputs(batch: dict) -> dict:
     keys = ("input_ids", "attention_mask", "position_ids")
-    return {k: batch[k] for k in keys if k in batch}
+    inputs = {k: batch[k] for k in keys if k in batch}
+    if "cu_seqlens" in batch:
+        # Padding-free row: the example boundaries travel to every attention module as its mask argument.
+        from deftune.kernels.varlen import segment_mask
+
+        inputs["attention_mask"] = segment_mask(batch["cu_seqlens"])
+    return inputs
 
 
 def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
