@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def _separate_and_together(model, exs):
     together = model(**inputs, use_cache=False).logits[0]
     bounds = row["cu_seqlens"].tolist()
     alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in exs]
-    return [together[a:b] for a, b in zip(bounds[:-1], bounds[1:])], alone
+    return [together[a:b] for a, b in pairwise(bounds)], alone
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])

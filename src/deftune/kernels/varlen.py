@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def _per_example(q, k, v, bounds, scaling, window):
     """q [1, Hq, T, D], k/v [1, Hkv, T, D] -> [1, T, Hq, D], one SDPA call per example."""
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in pairwise(bounds):
         if end <= start:
             continue
         qs, ks, vs = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
@@ -109,7 +110,7 @@ def _varlen_ok(device: torch.device, dtype: torch.dtype) -> bool:
                     got = _run_varlen(fn, info, q, k, v, cu, 17, 0.125)
                 err = float((got.float() - want.float()).abs().max())
                 _CHECKED[key] = (err < 2e-2, f"varlen_attn differs from per-example SDPA by {err:.3g}")
-            except Exception as exc:  # a kernel that cannot run here: the per-example path is still right
+            except Exception as exc:  # noqa: BLE001 -- a kernel that cannot run here: the per-example path is still right
                 _CHECKED[key] = (False, f"varlen_attn failed: {type(exc).__name__}: {exc}")
         if not _CHECKED[key][0]:
             print(f"padding-free attention: per-example SDPA ({_CHECKED[key][1]})")
@@ -147,7 +148,7 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     q [1, Hq, T, D], k/v [1, Hkv, T, D] (after RoPE), ``mask`` from :func:`segment_mask`;
     returns [1, T, Hq, D] like transformers' attention functions."""
     bounds = _bounds(mask)
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    longest = max(b - a for a, b in pairwise(bounds))
     window_applies = sliding_window is not None and longest > sliding_window
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not window_applies \
             and _varlen_ok(q.device, q.dtype):
