@@ -631,3 +631,22 @@ def test_fast_mlp_saves_gate_and_up_only():
     assert loss_f == pytest.approx(loss_p, rel=1e-5)
     for name in grads_p:
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mlp_backward_gets_no_zero_gradient_for_the_product(monkeypatch):
+    """The SwiGLU product handed to the base GEMM never gets a gradient; autograd must not build a
+    [T, I] tensor of zeros for it (set_materialize_grads(False))."""
+    from deftune.kernels import lora_linear as ll
+
+    seen = []
+    real = ll.SwiGLULoRADeltaFunction.backward
+
+    def recording(ctx, dy2, dh2):
+        seen.append(dh2)
+        return real(ctx, dy2, dh2)
+
+    monkeypatch.setattr(ll.SwiGLULoRADeltaFunction, "backward", staticmethod(recording))
+    model = _lora_model("llama").train()
+    apply_fast_path(model, log=lambda _: None)
+    _loss_and_grads(model, _batch())
+    assert len(seen) == 2 and all(g is None for g in seen)

@@ -83,8 +83,9 @@ class LoRADeltaFunction(torch.autograd.Function):
         du = dy2 @ (lora_b * s).to(dtype)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            # dU A first (rank-r GEMM), then dy W0 accumulated onto it in the big GEMM's epilogue.
-            dx = torch.addmm(du @ lora_a.to(dtype), dy2, base_weight(ctx.base).to(dtype))
+            # dU A first (rank-r GEMM), then dy W0 accumulated onto it in place (the big GEMM's epilogue
+            # reads and writes the same buffer: one [.., in] tensor instead of two).
+            dx = (du @ lora_a.to(dtype)).addmm_(dy2, base_weight(ctx.base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             da = (du.t() @ x2).to(lora_a.dtype)
@@ -158,11 +159,15 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
             low = low + base.bias.to(dtype)
         ctx.base, ctx.scaling = base, scaling
         ctx.mark_non_differentiable(h2)
+        # h2 never gets a gradient: without this autograd would hand backward a [T, I] tensor of zeros.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(gate, up, hu, lora_a, lora_b)
         return low, h2
 
     @staticmethod
     def backward(ctx, dy2, _dh2_unused):
+        if dy2 is None:  # grads are not materialized: nothing reached the adapter's output
+            return None, None, None, None, None, None, None
         gate, up, hu, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         dtype = hu.dtype
@@ -174,7 +179,8 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
             h = swiglu_values(gate, up).to(dtype)  # rebuilt, used, freed
             da = (du.t() @ h.reshape(-1, h.shape[-1])).to(lora_a.dtype)
             del h
-        dh = torch.addmm(du @ lora_a.to(dtype), dy2, base_weight(ctx.base).to(dtype)).reshape(gate.shape)
+        # dU A, then dy W0 accumulated onto it in place: one [T, I] buffer, not two.
+        dh = (du @ lora_a.to(dtype)).addmm_(dy2, base_weight(ctx.base).to(dtype)).reshape(gate.shape)
         dg, dup = swiglu_backward_(dh.to(gate.dtype), gate.contiguous(), up.contiguous())
         return dg, dup, da, db, None, None, None
 
