@@ -68,12 +68,16 @@ def test_swiglu_inplace_backward_same_gradients_written_over_the_inputs(dtype):
     assert torch.equal(gate.detach(), g0.grad) and torch.equal(up.detach(), u0.grad)
 
 
+@pytest.mark.parametrize("block_bytes", [None, 7 * 40 * 4])  # one block; blocks of 7 rows (and a partial one)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_into_lora_down_projection_matches_reference(dtype):
+def test_swiglu_into_lora_down_projection_matches_reference(dtype, block_bytes, monkeypatch):
     """swiglu_lora_linear (the patched MLP's SwiGLU + LoRA down projection, h rebuilt in backward, gradients
     written over gate/up) equals down(silu(g) * u) + s (h A^T) B^T step by step through autograd."""
+    from deftune.kernels import lora_linear
     from deftune.kernels.lora_linear import swiglu_lora_linear
 
+    if block_bytes:
+        monkeypatch.setattr(lora_linear, "_BACKWARD_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     base = torch.nn.Linear(40, 24, bias=False).to(DEVICE, dtype).requires_grad_(False)
     a = leaf(0.1 * torch.randn(4, 40, device=DEVICE))
