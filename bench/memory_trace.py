@@ -13,6 +13,10 @@ Host copies of ``train.offload_activations`` / ``train.offload_mlp_layers`` are 
 GPU; here they are plain CPU clones, so allocations made while an ``OffloadedTensor`` is being built are
 left out of the tally. Weights, LoRA parameters and optimizer state exist before the profiled step and
 are not counted: the figure is the step's growth over its starting point.
+
+Caveat: Triton's interpreter keeps the tensor arguments of a kernel's latest launch referenced until that
+kernel runs again, so up to one launch's tensors per kernel (e.g. gate, up and the product of the last
+SwiGLU) can show as live here when on a GPU they are already freed. Read the list with that in mind.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def main() -> int:
     ap.add_argument("--stash", type=int, default=0, help="train.offload_mlp_layers")
     ap.add_argument("--checkpoint", default="offload", choices=["offload", "transformers", "none"])
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--phase", default="", choices=["", "forward", "backward", "optimizer"],
+                    help="the peak within this phase only")
     ap.add_argument("--detail", type=float, default=0.0,
                     help="also list every live block of at least this many hidden-state tensors, oldest first")
     a = ap.parse_args()
@@ -133,7 +139,7 @@ def main() -> int:
                 total -= live.pop(f.ptr)[0]
             live[f.ptr] = (f.alloc_size, names, node.start_time_ns)
             total += f.alloc_size
-            if total > peak:
+            if total > peak and (not a.phase or f"phase::{a.phase}" in names):
                 peak, peak_live, peak_chain = total, dict(live), names
         else:
             if f.ptr in host:
