@@ -19,7 +19,8 @@
 # (each call may land on a fresh machine: the script reinstalls the wheels and remakes /tmp folders).
 set -uo pipefail
 OUTDIR=${1:?usage: bash bench/gpu_issue6.sh OUTDIR}
-PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), parity (bench/loss_parity.py), pcie (bench/pcie_bandwidth.py)
+PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), parity (bench/loss_parity.py), kernels (bench/kernels_vs_liger.py),
+# pcie (bench/pcie_bandwidth.py)
 # Extra gpu_peers arguments per shape (the environment cannot carry bash arrays): one string each,
 # split on '|', e.g. ARGS1='--only|deftune fast,unsloth|--variants|mlp8:train.offload_mlp_layers=8'
 IFS='|' read -r -a ARGS1 <<< "${ARGS1:-}"
@@ -53,6 +54,10 @@ for part in $PARTS; do
       say "loss_parity llama-1b (50 steps, deftune fast vs HF+PEFT)"
       timeout -k 5 240 $PY bench/loss_parity.py --shape llama-1b --out "$OUTDIR/loss_parity.json" 2>&1 | tail -15 | tee "$OUTDIR/loss_parity.log"; rc=${PIPESTATUS[0]}
       ;;
+    kernels)
+      say "kernels_vs_liger (per-op race: deftune Triton vs Liger vs PyTorch)"
+      timeout -k 5 240 $PY bench/kernels_vs_liger.py --out "$OUTDIR/kernels_vs_liger.json" 2>&1 | tail -30 | tee "$OUTDIR/kernels_vs_liger.log"; rc=${PIPESTATUS[0]}
+      ;;
     pcie)
       timeout -k 5 60 $PY bench/pcie_bandwidth.py --out "$OUTDIR/pcie_bandwidth.json" 2>&1 | tee -a "$OUTDIR/gpu_issue6.log"; rc=${PIPESTATUS[0]}
       ;;
@@ -72,7 +77,7 @@ for part in $PARTS; do
         --lengths 32768,65536,131072 --cap-gb 80 --mlp-tile "${MLP_TILE:-8192}" --extend-step 65536 --max-len 524288 --budget-s "$BL" \
         --out "$OUTDIR/long_context.json" 2>&1 | tee "$OUTDIR/long_context.log"; rc=${PIPESTATUS[0]}
       ;;
-    *) say "unknown part $part (known: gputests parity pcie 1b 8b long)"; rc=2 ;;
+    *) say "unknown part $part (known: gputests parity kernels pcie 1b 8b long)"; rc=2 ;;
   esac
   say "$part finished (exit $rc; 124 = hard timeout, the JSON keeps the rows done before it)"
 done
