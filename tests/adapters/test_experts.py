@@ -392,7 +392,7 @@ def test_grouped_gemm_path_matches_the_loop_on_cuda(mode, monkeypatch):
             torch.nn.init.normal_(b, std=0.05)
     h = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():  # one routing for both runs (each run backwards through its own graph only)
-        logits, weights, index = block.router(h)
+        _logits, weights, index = block.router(h)
 
     def run():
         experts.zero_grad(set_to_none=True)
