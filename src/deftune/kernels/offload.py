@@ -111,6 +111,10 @@ class OffloadedTensor:
 class MlpStash:
     """One layer's MLP projection outputs kept in host memory between its forward and its recompute.
 
+    Activation offloading to host memory (Rhu et al. 2016, "vDNN", arXiv:1602.08124) of the tensors whose
+    recompute costs the most FLOPs per byte moved: gate = x Wg^T and up = x Wu^T, 2 T H I multiply-adds
+    each for T I values, so each byte saves about H FLOPs of recompute.
+
     ``recording`` (first forward): :meth:`keep` copies each output out on the side stream. Recompute:
     :meth:`take` hands them back in the same order. ``below`` is the next stashed layer under this one: its
     copies back start when this layer's are consumed, so they overlap this layer's backward.
