@@ -125,7 +125,7 @@ def test_fast_path_logits_loss_and_grads_match_plain(family):
 def test_fast_path_really_calls_every_kernel(monkeypatch):
     """Guard against a patch that silently leaves the model's own code running."""
     calls = {"rms_norm": 0, "rope_qk": 0, "swiglu": 0, "swiglu_lora_linear": 0, "linear_cross_entropy": 0,
-             "lora_linear": 0}
+             "lora_group": 0, "lora_linear": 0}
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -133,7 +133,7 @@ def test_fast_path_really_calls_every_kernel(monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    for name in ("rms_norm", "rope_qk", "swiglu", "swiglu_lora_linear", "linear_cross_entropy"):
+    for name in ("rms_norm", "rope_qk", "swiglu", "swiglu_lora_linear", "linear_cross_entropy", "lora_group"):
         monkeypatch.setattr(patch, name, counting(name, getattr(patch, name)))
     import deftune.kernels.lora_linear as lora_linear_module
 
@@ -141,9 +141,10 @@ def test_fast_path_really_calls_every_kernel(monkeypatch):
     model = _lora_model("qwen3")
     apply_fast_path(model, log=lambda _: None)
     response_loss_sum(model, _batch())
-    # A LoRA down projection takes the product inside its own Function (swiglu_lora_linear).
+    # A LoRA down projection takes the product inside its own Function (swiglu_lora_linear); q/k/v and
+    # gate/up, which read the same input, run as one group each (lora_group); o_proj alone.
     assert calls == {"rms_norm": 9, "rope_qk": 2, "swiglu": 0, "swiglu_lora_linear": 2, "linear_cross_entropy": 1,
-                     "lora_linear": 12}
+                     "lora_group": 4, "lora_linear": 2}
 
 
 def test_fast_path_generation_matches_plain():
@@ -650,3 +651,33 @@ def test_mlp_backward_gets_no_zero_gradient_for_the_product(monkeypatch):
     apply_fast_path(model, log=lambda _: None)
     _loss_and_grads(model, _batch())
     assert len(seen) == 2 and all(g is None for g in seen)
+
+
+def test_lora_group_matches_separate_layers_with_mixed_ranks_bias_and_an_unused_output():
+    """lora_group (projections sharing x: one rank GEMM, one dx buffer) == each plain LoRALinear on its
+    own: outputs, dx, every dA/dB; ranks may differ; an output that reaches no loss gives zero dB."""
+    from deftune.kernels.lora_linear import lora_group
+
+    torch.manual_seed(0)
+    plain = [LoRALinear(torch.nn.Linear(24, out, bias=bias).requires_grad_(False), rank=r, alpha=8.0)
+             for out, r, bias in ((16, 4, True), (8, 2, False), (8, 6, True))]
+    for p in plain:
+        torch.nn.init.normal_(p.lora_B.weight)
+    fused = copy.deepcopy(plain)
+    for p in fused:
+        p.fused = True
+    x = torch.randn(2, 5, 24)
+    xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    outs_p = [p(xp) for p in plain]
+    outs_f = lora_group(xf, fused)
+    for got, want in zip(outs_f, outs_p):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    dys = [torch.randn_like(o) for o in outs_p]
+    sum((o * d).sum() for o, d in zip(outs_p[:2], dys)).backward()  # the third output is unused
+    sum((o * d).sum() for o, d in zip(outs_f[:2], dys)).backward()
+    torch.testing.assert_close(xf.grad, xp.grad, atol=1e-5, rtol=1e-5)
+    for p, f in zip(plain, fused):
+        for name in ("lora_A", "lora_B"):
+            want = getattr(p, name).weight.grad
+            got = getattr(f, name).weight.grad
+            torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ from torch import nn
 
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.kernels.linear_ce import linear_cross_entropy
-from deftune.kernels.lora_linear import lora_linear_given, swiglu_lora_linear
+from deftune.kernels.lora_linear import compute_dtype, lora_group, lora_linear_given, swiglu_lora_linear
 from deftune.kernels.offload import current_mlp_stash
 from deftune.kernels.rmsnorm import rms_norm
 from deftune.kernels.rope import rope_qk
@@ -52,23 +52,36 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     stash = current_mlp_stash()
-    if stash is None:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-    elif stash.recording:  # first forward of a layer that keeps its gate/up outputs in host memory
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        stash.keep(gate)
-        stash.keep(up)
+    if stash is None or stash.recording:
+        gate, up = _project(self, x, ("gate_proj", "up_proj"))
+        if stash is not None:  # first forward of a layer that keeps its gate/up outputs in host memory
+            stash.keep(gate)
+            stash.keep(up)
     else:  # its recompute: the same graph and saved tensors, the two GEMMs' outputs handed back
-        gate, up = _given(self.gate_proj, x, stash.take()), _given(self.up_proj, x, stash.take())
+        gate, up = _project(self, x, ("gate_proj", "up_proj"), values=[stash.take(), stash.take()])
     # gate and up feed nothing but the product, so its backward may overwrite them with their gradients.
     down = self.down_proj
-    if isinstance(down, LoRALinear) and down.fused and not down.merged:
+    if _fused(down):
         return swiglu_lora_linear(gate, up, down.base_layer, down.lora_A.weight, down.lora_B.weight, down.scaling)
     return down(swiglu(gate, up, inplace_backward=True))
 
 
-def _given(proj: nn.Module, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return lora_linear_given(x, proj.base_layer, proj.lora_A.weight, proj.lora_B.weight, proj.scaling, value)
+def _fused(module: nn.Module) -> bool:
+    return isinstance(module, LoRALinear) and module.fused and not module.merged
+
+
+def _project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...], values: list | None = None) -> list:
+    """``[module.<name>(x) for name in names]``; fused LoRA projections of one compute dtype run as one
+    :func:`~deftune.kernels.lora_linear.lora_group` (x read once by the rank GEMMs, one dx buffer).
+    ``values``: the outputs, known already (MLP stash replay; only fused projections get there)."""
+    projections = [getattr(module, name) for name in names]
+    if all(_fused(p) for p in projections) and \
+            len({compute_dtype(p.base_layer) for p in projections}) == 1:
+        return lora_group(x, projections, values)
+    if values is not None:
+        return [lora_linear_given(x, p.base_layer, p.lora_A.weight, p.lora_B.weight, p.scaling, v)
+                for p, v in zip(projections, values)]
+    return [p(x) for p in projections]
 
 
 def stash_ready(model: nn.Module) -> str:
@@ -127,12 +140,12 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         kwargs.pop(name, None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query_states = self.q_proj(hidden_states).view(hidden_shape)
-    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    query_states, key_states, value_states = _project(self, hidden_states, ("q_proj", "k_proj", "v_proj"))
+    query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
     if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
         query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
     query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
-    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = value_states.view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
     query_states, key_states = rope_qk(query_states, key_states, cos, sin)
