@@ -94,3 +94,26 @@ def test_swiglu_into_lora_down_projection_matches_reference(dtype, block_bytes, 
     ref.backward(dy)
     for got, want in ((g0.grad, gr.grad), (u0.grad, ur.grad), (a.grad, ar.grad), (b.grad, br.grad)):
         assert_close(got, want, dtype)
+
+
+@gpu_only
+def test_swiglu_into_lora_down_projection_real_shape_gpu():
+    """Llama-3-8B MLP width, 4096 tokens (two 64 MiB row blocks in backward), bf16."""
+    from deftune.kernels.lora_linear import swiglu_lora_linear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(14336, 4096, bias=False).to(DEVICE, torch.bfloat16).requires_grad_(False)
+    a = leaf(0.01 * torch.randn(16, 14336, device=DEVICE))
+    b = leaf(0.01 * torch.randn(4096, 16, device=DEVICE))
+    g0 = leaf((3 * torch.randn(4096, 14336, device=DEVICE)).to(torch.bfloat16))
+    u0 = leaf(torch.randn(4096, 14336, device=DEVICE).to(torch.bfloat16))
+    dy = torch.randn(4096, 4096, device=DEVICE).to(torch.bfloat16)
+    out = swiglu_lora_linear(g0 * 1, u0 * 1, base, a, b, 2.0)
+    gr, ur, ar, br = (leaf(t.detach()) for t in (g0, u0, a, b))
+    h = swiglu_reference(gr, ur)
+    ref = base(h) + ((h.float() @ ar.t() @ br.t()) * 2.0).to(torch.bfloat16)
+    out.backward(dy)
+    ref.backward(dy)
+    for got, want in ((out, ref), (g0.grad, gr.grad), (u0.grad, ur.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        rel = float((got.float() - want.float()).norm() / want.float().norm())
+        assert rel < 2e-2, rel
