@@ -183,3 +183,57 @@ def test_varlen_kernel_matches_per_example_on_cuda(dtype):
     want = varlen._per_example(q, k, v, [0, 100, 101, 257, 300], 0.125, None)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     print("varlen kernel used:", varlen._CHECKED)
+
+
+def _fake_varlen(style):
+    """Stand-ins with the signatures torch has shipped (2.10: is_causal, no scale/GQA; 2.11: window_size +
+    scale; 2.12: + enable_gqa), computing the same thing per example with SDPA on [T, H, D] inputs."""
+
+    def compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, gqa=False):
+        assert cu_seq_q is cu_seq_k and cu_seq_q.dtype == torch.int32
+        assert max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+        assert gqa or key.shape[1] == query.shape[1]
+        bounds = cu_seq_q.tolist()
+        out = varlen._per_example(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                                  value.transpose(0, 1)[None], bounds, scale, None)
+        return out[0]
+
+    if style == "2.10":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            assert is_causal
+            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+    elif style == "2.11":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            assert window_size == (-1, 0)
+            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
+                        num_splits=None):
+            assert window_size == (-1, 0)
+            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, enable_gqa)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("style", ["2.10", "2.11", "2.12"])
+def test_varlen_call_matches_per_example_for_each_torch_signature(style):
+    """The call into torch's varlen kernel (packing to [T, H, D], GQA by repeat where the kernel lacks it,
+    causal and scale arguments as each release names them) gives the per-example result."""
+    fn = _fake_varlen(style)
+    info = varlen.varlen_call_info(fn)
+    assert isinstance(info, dict)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 30, 16) for h in (4, 2, 2))
+    bounds = [0, 9, 10, 30]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    got = varlen._run_varlen(fn, info, q, k, v, cu, 20, 0.25)
+    want = varlen._per_example(q, k, v, bounds, 0.25 if info["scale"] else 16 ** -0.5, None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_call_info_refuses_an_unknown_signature():
+    def varlen_attn(q, k, v, cu):
+        return q
+
+    assert "not the expected signature" in varlen.varlen_call_info(varlen_attn)

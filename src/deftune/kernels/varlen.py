@@ -71,22 +71,30 @@ def _per_example(q, k, v, bounds, scaling, window):
 
 @functools.lru_cache(maxsize=1)
 def _torch_varlen():
-    """(callable, kwargs for causal + GQA) of torch's varlen FlashAttention, or (None, why)."""
+    """(callable, call info) of torch's varlen FlashAttention, or (None, why not)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as exc:
         return None, f"torch {torch.__version__} has no torch.nn.attention.varlen ({exc})"
-    params = inspect.signature(varlen_attn).parameters
+    info = varlen_call_info(varlen_attn)
+    return (varlen_attn, info) if isinstance(info, dict) else (None, info)
+
+
+def varlen_call_info(fn) -> dict | str:
+    """How to call ``varlen_attn`` as this torch defines it: causal as ``window_size=(-1, 0)`` (2.11+) or
+    ``is_causal=True`` (2.9/2.10), whether it takes ``scale`` and ``enable_gqa``; or why it cannot be used."""
+    params = inspect.signature(fn).parameters
     names = ("query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k")
     if list(params)[: len(names)] != list(names):
-        return None, f"varlen_attn{inspect.signature(varlen_attn)} is not the expected signature"
+        return f"varlen_attn{inspect.signature(fn)} is not the expected signature"
     if "window_size" in params:
         causal = {"window_size": (-1, 0)}
     elif "is_causal" in params:
         causal = {"is_causal": True}
     else:
-        return None, "varlen_attn takes neither window_size nor is_causal"
-    return varlen_attn, {**causal, "gqa": "enable_gqa" in params}
+        return "varlen_attn takes neither window_size nor is_causal"
+    # Older releases (2.9/2.10) take is_causal and no scale (always 1/sqrt(D)) and no enable_gqa.
+    return {**causal, "gqa": "enable_gqa" in params, "scale": "scale" in params}
 
 
 _CHECKED: dict = {}
@@ -102,7 +110,7 @@ def _varlen_ok(device: torch.device, dtype: torch.dtype) -> bool:
         else:
             gen = torch.Generator(device=device).manual_seed(0)
             q, k, v = (torch.randn(1, h, 24, 64, device=device, generator=gen).to(dtype) for h in (4, 2, 2))
-            bounds = [0, 7, 24]
+            bounds = [0, 7, 24]  # scale 1/8 = 1/sqrt(64): valid with or without a scale argument
             cu = torch.tensor(bounds, dtype=torch.int32, device=device)
             try:
                 with torch.no_grad():
@@ -130,15 +138,22 @@ def _device_bounds(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _run_varlen(fn, info, q, k, v, cu, longest, scaling):
     qv = q[0].transpose(0, 1).contiguous()  # [T, Hq, D]
     kv, vv = k[0].transpose(0, 1), v[0].transpose(0, 1)
-    kwargs = {key: val for key, val in info.items() if key != "gqa"}
+    kwargs = {key: val for key, val in info.items() if key not in ("gqa", "scale")}
+    if info["scale"]:
+        kwargs["scale"] = scaling
     if q.shape[1] != k.shape[1]:
         if info["gqa"]:
             kwargs["enable_gqa"] = True
         else:
             rep = q.shape[1] // k.shape[1]
             kv, vv = kv.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
-    out = fn(qv, kv.contiguous(), vv.contiguous(), cu, cu, longest, longest, scale=scaling, **kwargs)
+    out = fn(qv, kv.contiguous(), vv.contiguous(), cu, cu, longest, longest, **kwargs)
     return out.unsqueeze(0)  # [1, T, Hq, D]
+
+
+def _scale_supported(scaling: float, head_dim: int) -> bool:
+    fn, info = _torch_varlen()
+    return fn is not None and (info["scale"] or abs(scaling - head_dim ** -0.5) < 1e-9 * max(1.0, scaling))
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -151,7 +166,7 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     longest = max(b - a for a, b in pairwise(bounds))
     window_applies = sliding_window is not None and longest > sliding_window
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not window_applies \
-            and _varlen_ok(q.device, q.dtype):
+            and _scale_supported(scaling, q.shape[-1]) and _varlen_ok(q.device, q.dtype):
         fn, info = _torch_varlen()
         return _run_varlen(fn, info, q, k, v, _device_bounds(mask, q.device), longest, scaling)
     return _per_example(q, k, v, bounds, scaling, sliding_window)
