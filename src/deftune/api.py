@@ -101,11 +101,12 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
         from deftune.kernels.offload import enable_offloaded_checkpointing
         from deftune.models.arch import num_layers
 
+        t = recipe.train
         wrapped = enable_offloaded_checkpointing(model, device, keep_top=_checked_skip(recipe, num_layers(model)),
-                                                 mlp_layers=recipe.train.offload_mlp_layers)
-        if recipe.train.offload_mlp_layers:
-            print(f"offloaded checkpointing: {wrapped} layers, {recipe.train.offload_mlp_layers} of them keep "
-                  f"their MLP gate/up outputs in host memory")
+                                                 mlp_layers=t.offload_mlp_layers, resident_layers=t.keep_mlp_layers)
+        if t.offload_mlp_layers or t.keep_mlp_layers:
+            print(f"offloaded checkpointing: {wrapped} layers; MLP gate/up outputs kept instead of recomputed in "
+                  f"{t.offload_mlp_layers} (host memory) + {t.keep_mlp_layers} (GPU memory)")
     if recipe.train.mlp_tile_tokens > 0:
         from deftune.kernels.tiled_mlp import tile_mlps
 

@@ -224,6 +224,10 @@ class TrainConfig:
     # outputs also go to pinned CPU memory and come back in backward instead of being recomputed (fewer
     # FLOPs, more PCIe traffic; 0 = off).
     offload_mlp_layers: int = 0
+    # With offload_activations and model.fast: the N checkpointed layers nearest the output keep their MLP
+    # gate/up outputs in GPU memory instead of recomputing them (no PCIe traffic; holds 2 x tokens x
+    # intermediate values per layer until its backward; 0 = off).
+    keep_mlp_layers: int = 0
     # Long context: run each decoder MLP over tiles of this many tokens, each checkpointed, so only one
     # tile's MLP activations exist at a time (0 = off). Costs one more MLP forward per step.
     mlp_tile_tokens: int = 0
@@ -253,14 +257,16 @@ class TrainConfig:
             raise DeftuneError(f"train.betas must hold two numbers, got {self.betas}")
         if self.checkpoint_skip < 0:
             raise DeftuneError(f"train.checkpoint_skip must be >= 0, got {self.checkpoint_skip}")
-        if self.offload_mlp_layers < 0:
-            raise DeftuneError(f"train.offload_mlp_layers must be >= 0 (0 = off), got {self.offload_mlp_layers}")
-        if self.offload_mlp_layers and not self.offload_activations:
-            raise DeftuneError("train.offload_mlp_layers needs train.offload_activations: true (it extends the "
-                               "offloaded layer checkpoint)")
-        if self.offload_mlp_layers and self.mlp_tile_tokens:
-            raise DeftuneError("train.offload_mlp_layers and train.mlp_tile_tokens cannot be combined: the tiled "
-                               "MLP recomputes its tiles itself (use one or the other)")
+        for key in ("offload_mlp_layers", "keep_mlp_layers"):
+            value = getattr(self, key)
+            if value < 0:
+                raise DeftuneError(f"train.{key} must be >= 0 (0 = off), got {value}")
+            if value and not self.offload_activations:
+                raise DeftuneError(f"train.{key} needs train.offload_activations: true (it extends the "
+                                   "offloaded layer checkpoint)")
+            if value and self.mlp_tile_tokens:
+                raise DeftuneError(f"train.{key} and train.mlp_tile_tokens cannot be combined: the tiled "
+                                   "MLP recomputes its tiles itself (use one or the other)")
         if self.mlp_tile_tokens < 0:
             raise DeftuneError(f"train.mlp_tile_tokens must be >= 0 (0 = off), got {self.mlp_tile_tokens}")
 

@@ -504,16 +504,19 @@ def test_recompute_stops_before_the_down_projection(monkeypatch, how):
             torch.testing.assert_close(p.grad, grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("mlp_layers", [1, 2])
-def test_mlp_stash_hands_gate_and_up_back_instead_of_recomputing(monkeypatch, mlp_layers):
-    """train.offload_mlp_layers: stashed layers recompute q, k, v, o only (gate/up come back from the host
-    copy, down is skipped); loss and every gradient equal the plain model's."""
+@pytest.mark.parametrize("host,gpu", [(1, 0), (2, 0), (0, 1), (1, 1)])
+def test_mlp_stash_hands_gate_and_up_back_instead_of_recomputing(monkeypatch, host, gpu):
+    """train.offload_mlp_layers (host) / train.keep_mlp_layers (gpu, the top layers): those layers recompute
+    q, k, v, o only (gate/up come back from the kept copy, down is skipped); loss and every gradient equal
+    the plain model's."""
+    mlp_layers = host + gpu
     plain = _lora_model("llama").train()
     apply_fast_path(plain, log=lambda _: None)
     wrapped = copy.deepcopy(plain)
-    assert offload.wrap_decoder_layers(wrapped, mlp_layers=mlp_layers) == 2
+    assert offload.wrap_decoder_layers(wrapped, mlp_layers=host, resident_layers=gpu) == 2
     stashes = [layer._deftune_mlp_stash for layer in wrapped.model.layers]
     assert sum(s is not None for s in stashes) == mlp_layers
+    assert [s.resident for s in stashes if s is not None] == [False] * host + [True] * gpu
     batch = _batch()
     loss_p, _, grads_p = _loss_and_grads(plain, batch)
     calls = _count_calls(monkeypatch)
@@ -539,8 +542,12 @@ def test_mlp_stash_is_checked():
         recipe_from_dict({"train": {"offload_mlp_layers": -1}})
     fast = _lora_model("llama")
     apply_fast_path(fast, log=lambda _: None)
-    with pytest.raises(DeftuneError, match=r"train.offload_mlp_layers=3: must be 0..2"):
+    with pytest.raises(DeftuneError, match=r"train.offload_mlp_layers=3 \+ train.keep_mlp_layers=0: must be 0..2"):
         offload.wrap_decoder_layers(fast, mlp_layers=3)
+    with pytest.raises(DeftuneError, match=r"train.offload_mlp_layers=1 \+ train.keep_mlp_layers=2: must be 0..2"):
+        offload.wrap_decoder_layers(fast, mlp_layers=1, resident_layers=2)
+    with pytest.raises(DeftuneError, match="train.keep_mlp_layers needs train.offload_activations"):
+        recipe_from_dict({"train": {"keep_mlp_layers": 1}})
     with pytest.raises(DeftuneError, match="needs model.fast"):
         offload.wrap_decoder_layers(_lora_model("llama"), mlp_layers=1)
     dropout = _lora_model("llama", dropout=0.1)
@@ -551,11 +558,12 @@ def test_mlp_stash_is_checked():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_mlp_stash_on_cuda():
+@pytest.mark.parametrize("host,gpu", [(2, 0), (1, 1)])
+def test_mlp_stash_on_cuda(host, gpu):
     plain = _lora_model("llama").train()
     apply_fast_path(plain, log=lambda _: None)
     wrapped = copy.deepcopy(plain)
-    offload.enable_offloaded_checkpointing(wrapped, torch.device("cuda"), mlp_layers=2)
+    offload.enable_offloaded_checkpointing(wrapped, torch.device("cuda"), mlp_layers=host, resident_layers=gpu)
     batch = _batch()
     loss_p, _, grads_p = _loss_and_grads(plain, batch)
     for _step in range(2):

@@ -118,12 +118,15 @@ class MlpStash:
     ``recording`` (first forward): :meth:`keep` copies each output out on the side stream. Recompute:
     :meth:`take` hands them back in the same order. ``below`` is the next stashed layer under this one: its
     copies back start when this layer's are consumed, so they overlap this layer's backward.
+    ``resident`` (``train.keep_mlp_layers``): the outputs stay on the GPU instead (no copies; the memory is
+    held from the layer's forward to its backward), for layers where GPU memory is cheaper than PCIe time.
     """
 
-    def __init__(self, stream=None, pending: collections.deque | None = None):
+    def __init__(self, stream=None, pending: collections.deque | None = None, resident: bool = False):
         self.stream = stream
         self.pending = pending if pending is not None else collections.deque()
-        self.boxes: list[OffloadedTensor] = []
+        self.resident = resident
+        self.boxes: list = []
         self.recording = True
         self.cursor = 0
         self.below: MlpStash | None = None
@@ -135,6 +138,9 @@ class MlpStash:
             self.boxes = []
 
     def keep(self, tensor: torch.Tensor) -> None:
+        if self.resident:
+            self.boxes.append(tensor.detach())
+            return
         if tensor.is_cuda:
             # Bound the GPU memory held by copies that have not finished: wait (on the GPU, no host sync)
             # for the oldest before queueing another.
@@ -147,15 +153,16 @@ class MlpStash:
         self.boxes.append(box)
 
     def prefetch(self) -> None:
-        for box in self.boxes:
-            box.prefetch()
+        if not self.resident:
+            for box in self.boxes:
+                box.prefetch()
 
     def take(self) -> torch.Tensor:
         if self.cursor >= len(self.boxes):
             raise RuntimeError("MLP stash: the recompute asked for more tensors than the forward kept")
         box = self.boxes[self.cursor]
         self.cursor += 1
-        out = box.restore()
+        out = box if self.resident else box.restore()
         if self.cursor == len(self.boxes):
             self.boxes = []  # the host copies are released once the last is back on the GPU
             if self.below is not None:
@@ -209,19 +216,21 @@ def spread(n: int, total: int) -> list[int]:
     return sorted({int((k + 0.5) * total / n) for k in range(n)}) if n else []
 
 
-def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0) -> int:
+def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0, resident_layers: int = 0) -> int:
     """Make every decoder layer but the ``keep_top`` nearest the output (those keep their activations:
-    ``train.checkpoint_skip``) run through :func:`offloaded_checkpoint` in training, ``mlp_layers`` of them
-    (spread evenly) with an :class:`MlpStash`. Returns how many layers are checkpointed.
+    ``train.checkpoint_skip``) run through :func:`offloaded_checkpoint` in training; the top
+    ``resident_layers`` of them keep their MLP gate/up outputs on the GPU and ``mlp_layers`` of the others
+    (spread evenly) in host memory (:class:`MlpStash`). Returns how many layers are checkpointed.
 
     No device check (CPU runs it with host copies, for tests); training uses
     :func:`enable_offloaded_checkpointing`.
     """
     layers = list(decoder_layers(model))
     layers = layers[: len(layers) - keep_top]
-    if mlp_layers:
-        _check_stashable(model, layers, mlp_layers)
-    stashed = set(spread(mlp_layers, len(layers)))
+    if mlp_layers or resident_layers:
+        _check_stashable(model, layers, mlp_layers, resident_layers)
+    resident = set(range(len(layers) - resident_layers, len(layers)))
+    stashed = set(spread(mlp_layers, len(layers) - resident_layers)) | resident
     stream = None
     chain = {"last": None}
     pending: collections.deque = collections.deque()
@@ -235,29 +244,31 @@ def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0
         layer._deftune_offload_index = index
         layer._deftune_mlp_stash = None
         if index in stashed:
-            layer._deftune_mlp_stash = MlpStash(stream, pending)
+            layer._deftune_mlp_stash = MlpStash(stream, pending, resident=index in resident)
             layer._deftune_mlp_stash.below = below
             below = layer._deftune_mlp_stash
         layer.forward = types.MethodType(_offloaded_layer_forward, layer)
     return len(layers)
 
 
-def _check_stashable(model: nn.Module, layers: list, mlp_layers: int) -> None:
+def _check_stashable(model: nn.Module, layers: list, mlp_layers: int, resident_layers: int = 0) -> None:
     from deftune.kernels.patch import stash_ready
 
-    if mlp_layers < 0 or mlp_layers > len(layers):
-        raise DeftuneError(f"train.offload_mlp_layers={mlp_layers}: must be 0..{len(layers)} (the checkpointed "
-                           f"decoder layers: all minus train.checkpoint_skip)")
+    if mlp_layers < 0 or resident_layers < 0 or mlp_layers + resident_layers > len(layers):
+        raise DeftuneError(f"train.offload_mlp_layers={mlp_layers} + train.keep_mlp_layers={resident_layers}: "
+                           f"must be 0..{len(layers)} together (the checkpointed decoder layers: all minus "
+                           f"train.checkpoint_skip)")
     why = stash_ready(model)
     if why:
-        raise DeftuneError(f"train.offload_mlp_layers needs {why}")
+        key = "train.offload_mlp_layers" if mlp_layers else "train.keep_mlp_layers"
+        raise DeftuneError(f"{key} needs {why}")
 
 
 def enable_offloaded_checkpointing(model: nn.Module, device: torch.device, keep_top: int = 0,
-                                   mlp_layers: int = 0) -> int:
+                                   mlp_layers: int = 0, resident_layers: int = 0) -> int:
     """``train.offload_activations``: checkpoint each decoder layer (but the top ``keep_top``) with its
     input in pinned CPU memory; ``train.offload_mlp_layers``: ``mlp_layers`` of them stash their MLP's
     gate/up outputs too."""
     if torch.device(device).type != "cuda":
         raise DeftuneError("train.offload_activations needs a CUDA GPU")
-    return wrap_decoder_layers(model, keep_top, mlp_layers)
+    return wrap_decoder_layers(model, keep_top, mlp_layers, resident_layers)
