@@ -18,7 +18,9 @@ Everything is computed in W0's dtype (bf16 on a GPU), and dA, dB are returned in
 W0 is dequantized in forward and again in backward, so the full-precision copy is never kept alive.
 The adapter term and the base GEMM are separate Functions (the GEMM saves nothing and runs last), so a
 checkpointed layer's recompute stops before its final GEMM, and a recompute may be handed the GEMM's output
-instead of running it (:func:`lora_linear_given`).
+instead of running it (:func:`lora_linear_given`). Projections that read the same x share one adapter
+Function (:func:`lora_group`), and a LoRA down projection takes SwiGLU into its own
+(:func:`swiglu_lora_linear`).
 Only valid without LoRA dropout (dropout would need its mask saved); the patch leaves such modules alone.
 """
 
