@@ -54,7 +54,7 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     stash = current_mlp_stash()
     if stash is None or stash.recording:
         gate, up = _project(self, x, ("gate_proj", "up_proj"))
-        if stash is not None:  # first forward of a layer that keeps its gate/up outputs in host memory
+        if stash is not None:  # first forward of a layer that keeps its gate/up outputs (host or GPU memory)
             stash.keep(gate)
             stash.keep(up)
     else:  # its recompute: the same graph and saved tensors, the two GEMMs' outputs handed back
@@ -92,7 +92,7 @@ def stash_ready(model: nn.Module) -> str:
     for name, mlp in pieces(model).mlps:
         for proj in ("gate_proj", "up_proj"):
             module = getattr(mlp, proj, None)
-            if not (isinstance(module, LoRALinear) and module.fused):
+            if not _fused(module):
                 return (f"LoRA without dropout on gate_proj and up_proj of every MLP ({name}.{proj} is "
                         f"{type(module).__name__}{'' if not isinstance(module, LoRALinear) else ' with dropout'})")
     return ""
