@@ -85,6 +85,15 @@ def _batch(vocab: int = 96, rows: int = 3, length: int = 13):
     return {k: v.to(DEVICE) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
 
+def _assert_same_step(reference, other, batch, rel, atol, rtol):
+    """``other`` gives ``reference``'s loss (within ``rel``) and every trainable gradient (atol/rtol)."""
+    loss_r, _, grads_r = _loss_and_grads(reference, batch)
+    loss_o, _, grads_o = _loss_and_grads(other, batch)
+    assert loss_o == pytest.approx(loss_r, rel=rel)
+    for name in grads_r:
+        torch.testing.assert_close(grads_o[name], grads_r[name], atol=atol, rtol=rtol, msg=name)
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss, n = response_loss_sum(model, batch)
@@ -382,11 +391,7 @@ def test_offloaded_checkpoint_on_cuda(fast):
     wrapped = copy.deepcopy(plain)
     assert offload.enable_offloaded_checkpointing(wrapped, torch.device("cuda")) == 2
     batch = _batch()
-    loss_p, _, grads_p = _loss_and_grads(plain, batch)
-    loss_w, _, grads_w = _loss_and_grads(wrapped, batch)
-    assert loss_w == pytest.approx(loss_p, rel=1e-5)
-    for name in grads_p:
-        torch.testing.assert_close(grads_w[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_step(plain, wrapped, batch, rel=1e-5, atol=1e-5, rtol=1e-4)
 
 
 
@@ -419,11 +424,7 @@ def test_tiled_mlp_keeps_loss_and_gradients(fast, offloaded):
         offload.wrap_decoder_layers(tiled)
     assert tile_mlps(tiled, 5) == 2  # 3 x 13 = 39 tokens -> 8 tiles
     batch = _batch()
-    loss_p, _, grads_p = _loss_and_grads(plain, batch)
-    loss_t, _, grads_t = _loss_and_grads(tiled, batch)
-    assert loss_t == pytest.approx(loss_p, rel=1e-6)
-    for name in grads_p:
-        torch.testing.assert_close(grads_t[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_step(plain, tiled, batch, rel=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def test_tiled_mlp_never_holds_the_whole_sequence_intermediate():
@@ -635,11 +636,7 @@ def test_fast_mlp_saves_gate_and_up_only():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         response_loss_sum(model, batch)
     assert len(set(widths)) == 2 * model.config.num_hidden_layers
-    loss_p, _, grads_p = _loss_and_grads(plain, batch)
-    loss_f, _, grads_f = _loss_and_grads(model, batch)
-    assert loss_f == pytest.approx(loss_p, rel=1e-5)
-    for name in grads_p:
-        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_step(plain, model, batch, rel=1e-5, atol=1e-5, rtol=1e-4)
 
 
 def test_mlp_backward_gets_no_zero_gradient_for_the_product(monkeypatch):
