@@ -108,8 +108,79 @@ def timed_steps(step, vocab: int, bs: int, seq: int, device: str, warmup: int, s
     except torch.OutOfMemoryError as exc:
         return {"status": "oom", "error": str(exc).splitlines()[0][:300], "steps_done": len(times)}
     step_s = median(times[warmup:])
-    return {"status": "ok", "step_s": round(step_s, 4), "tok_s": round(bs * seq / step_s, 1),
-            "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+    row = {"status": "ok", "step_s": round(step_s, 4), "tok_s": round(bs * seq / step_s, 1),
+           "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+    if on_cuda:
+        # Read here, before any profiled steps; the runners prefer this figure to a later reading.
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if on_cuda and os.environ.get(PROFILE_ENV):
+        # After the timed steps (and their peak), so the profiler's own overhead changes neither figure.
+        try:
+            row["profile"] = profile_steps(step, vocab, bs, seq, gen, os.environ[PROFILE_ENV])
+        except Exception as exc:  # a profiler failure must not cost the row its timing
+            row["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return row
+
+
+PROFILE_ENV = "BENCH_PROFILE_OUT"
+
+# GPU kernels by family (first match wins), to compare where two frameworks spend a step.
+KERNEL_FAMILIES = (
+    ("memcpy", ("memcpy", "memset")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "splitk", "cublas")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "index", "scatter", "gather",
+                     "fill", "copy", "cat", "foreach", "fused_adam", "multi_tensor", "norm")),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    for family, keys in KERNEL_FAMILIES:
+        if any(k in low for k in keys):
+            return family
+    return "other (Triton and custom)"
+
+
+def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: int = 2) -> dict:
+    """``n`` more steps under torch.profiler: GPU kernel time per step by kernel and by family
+    (gemm / attention / elementwise / memcpy / other), and the GPU-busy share of the wall time (a step
+    that leaves the GPU idle is launch- or sync-bound). Writes the full list to ``out_path``; returns
+    the summary for the result row."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    xs = [torch.randint(0, vocab, (bs, seq), device="cuda", generator=gen) for _ in range(n)]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for x in xs:
+            step(x)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / n
+    kernels = {}
+    for evt in prof.key_averages():
+        # Only device-side events: CPU ops also carry the device time of the kernels they launch.
+        if getattr(evt, "device_type", None) != DeviceType.CUDA:
+            continue
+        dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            kernels[evt.key] = (dev_us / n / 1e3, evt.count // n)
+    busy = sum(ms for ms, _ in kernels.values())
+    families: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        fam = kernel_family(name)
+        families[fam] = families.get(fam, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    full = {"wall_ms_per_step": round(wall_ms, 1), "gpu_busy_ms_per_step": round(busy, 1),
+            "families_ms": {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "kernels": [{"kernel": k[:200], "family": kernel_family(k), "ms_per_step": round(ms, 3),
+                         "calls_per_step": c} for k, (ms, c) in top]}
+    with open(out_path, "w") as f:
+        json.dump(full, f, indent=1)
+    return {k: full[k] for k in ("wall_ms_per_step", "gpu_busy_ms_per_step", "families_ms")} | {
+        "top10": [[k["kernel"][:80], k["ms_per_step"]] for k in full["kernels"][:10]]}
 
 
 def flops_per_token(shape: str, seq: int) -> dict:

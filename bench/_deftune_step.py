@@ -225,7 +225,7 @@ def main() -> None:
 
         x = torch.randint(0, built["model"].config.vocab_size, (a.bs, a.seq), device=a.device)
         meta["phase_peak_gib"] = phase_peaks(built, x)
-    emit({**row, **timing, **meta})
+    emit({**row, **meta, **timing})
 
 
 def _meta(built: dict, on_cuda: bool) -> dict:

@@ -85,7 +85,7 @@ def main() -> None:
                          a.warmup, a.steps)
     row.update(timing, load_s=round(load_s, 1), trainable_m=round(sum(p.numel() for p in params) / 1e6, 2))
     if on_cuda:
-        row.update(peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        row.update(peak_gib=timing.get("peak_gib", round(torch.cuda.max_memory_allocated() / 2**30, 3)),
                    gpu=torch.cuda.get_device_name())
     emit(row)
 

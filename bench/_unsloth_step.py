@@ -58,7 +58,7 @@ def main() -> None:
     timing = timed_steps(labels_loss_step(model, params, opt), model.config.vocab_size, a.bs, a.seq, "cuda",
                          a.warmup, a.steps)
     emit({**row, **timing, "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
-          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "gpu": torch.cuda.get_device_name()})
+          "peak_gib": timing.get("peak_gib", round(torch.cuda.max_memory_allocated() / 2**30, 3)), "gpu": torch.cuda.get_device_name()})
 
 if __name__ == "__main__":
     main()

@@ -186,6 +186,9 @@ def main() -> int:
                     help="recipe override of the primary deftune rows, e.g. train.offload_mlp_layers=8")
     ap.add_argument("--variants", default="",
                     help='extra deftune rows: "label:key=v,key=v;label2:..." (each in 16- and 4-bit)')
+    ap.add_argument("--profile", action="store_true",
+                    help="after each row's timed steps, 2 steps under torch.profiler: GPU time by kernel "
+                         "family in the row, every kernel in <out>_logs/profile_<row>.json")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, _on_term)
     t_start = time.time()
@@ -290,9 +293,13 @@ def main() -> int:
                 cmd += ["--device", a.device]
             t0 = time.time()
             print(f"[{time.time() - t_start:6.0f}s] {spec['name']} ...", flush=True)
-            res, text, rc, timed_out = run_one(cmd, min(a.row_timeout_s, left), env)
+            stem = spec["name"].replace(" ", "_").replace("(", "").replace(")", "")
+            row_env = env
+            if a.profile:
+                row_env = {**env, "BENCH_PROFILE_OUT": str(logs / f"profile_{stem}.json")}
+            res, text, rc, timed_out = run_one(cmd, min(a.row_timeout_s, left), row_env)
             row["wall_s"] = round(time.time() - t0, 1)
-            (logs / (spec["name"].replace(" ", "_").replace("(", "").replace(")", "") + ".log")).write_text(text)
+            (logs / (stem + ".log")).write_text(text)
             if res is None:
                 why = (f"timed out after {row['wall_s']}s" if timed_out
                        else f"exited with code {rc}, no result line")
