@@ -109,7 +109,8 @@ def timed_steps(step, vocab: int, bs: int, seq: int, device: str, warmup: int, s
         return {"status": "oom", "error": str(exc).splitlines()[0][:300], "steps_done": len(times)}
     step_s = median(times[warmup:])
     row = {"status": "ok", "step_s": round(step_s, 4), "tok_s": round(bs * seq / step_s, 1),
-           "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+           "first_step_s": round(times[0], 2), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+           "timed_steps_s": [round(t_, 4) for t_ in times[warmup:]]}
     if on_cuda:
         # Read here, before any profiled steps; the runners prefer this figure to a later reading.
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -142,7 +143,27 @@ def kernel_family(name: str) -> str:
     return "other (Triton and custom)"
 
 
-def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: int = 2) -> dict:
+def _cprofile_step(step, x, top: int = 45) -> list:
+    """One step under cProfile: the Python functions with the most own time (host overhead hunting)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    step(x)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (fname, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():
+        rows.append((tt, ct, nc, f"{os.path.basename(os.path.dirname(fname))}/{os.path.basename(fname)}:{line}"
+                     f"({func})"))
+    rows.sort(key=lambda r: -r[0])
+    return [{"fn": r[3][:150], "tottime_ms": round(r[0] * 1e3, 2), "cumtime_ms": round(r[1] * 1e3, 2),
+             "calls": r[2]} for r in rows[:top]]
+
+
+def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: int = 2,
+                  device: str = "cuda") -> dict:
     """``n`` more steps under torch.profiler: GPU kernel time per step by kernel and by family
     (gemm / attention / elementwise / memcpy / other), and the GPU-busy share of the wall time (a step
     that leaves the GPU idle is launch- or sync-bound). Writes the full list to ``out_path``; returns
@@ -151,13 +172,15 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    xs = [torch.randint(0, vocab, (bs, seq), device="cuda", generator=gen) for _ in range(n)]
-    torch.cuda.synchronize()
+    xs = [torch.randint(0, vocab, (bs, seq), device=device, generator=gen) for _ in range(n)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
         for x in xs:
             step(x)
-        torch.cuda.synchronize()
+        sync()
     wall_ms = (time.perf_counter() - t) * 1e3 / n
     kernels = {}
     for evt in prof.key_averages():
@@ -167,6 +190,19 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
         dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if dev_us > 0:
             kernels[evt.key] = (dev_us / n / 1e3, evt.count // n)
+    # The host side: which ops cost the most CPU time, and the CUDA runtime calls that block the host
+    # (a synchronize, a synchronous copy or a pinned/device allocation drains the launch queue).
+    cpu_ops, blocking = [], {}
+    for evt in prof.key_averages():
+        if getattr(evt, "device_type", None) == DeviceType.CUDA:
+            continue
+        cpu_ops.append((evt.key, evt.self_cpu_time_total / n / 1e3, evt.count // n))
+        low = evt.key.lower()
+        if any(k in low for k in ("synchronize", "hostalloc", "cudamalloc", "cudafree", "cudamemcpy ",
+                                  "mallochost", "freehost")) or low in ("cudamemcpy", "cudamemcpyasync"):
+            blocking[evt.key] = {"calls_per_step": evt.count / n,
+                                 "ms_per_step": round(evt.self_cpu_time_total / n / 1e3, 3)}
+    cpu_ops.sort(key=lambda r: -r[1])
     busy = sum(ms for ms, _ in kernels.values())
     families: dict[str, float] = {}
     for name, (ms, _) in kernels.items():
@@ -176,10 +212,17 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
     full = {"wall_ms_per_step": round(wall_ms, 1), "gpu_busy_ms_per_step": round(busy, 1),
             "families_ms": {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
             "kernels": [{"kernel": k[:200], "family": kernel_family(k), "ms_per_step": round(ms, 3),
-                         "calls_per_step": c} for k, (ms, c) in top]}
+                         "calls_per_step": c} for k, (ms, c) in top],
+            "kernel_launches_per_step": sum(c for _, c in kernels.values()),
+            "cpu_ops": [{"op": k[:160], "self_cpu_ms_per_step": round(ms, 3), "calls_per_step": c}
+                        for k, ms, c in cpu_ops[:60]],
+            "blocking_runtime_calls": blocking}
+    if os.environ.get("BENCH_CPROFILE"):
+        full["cprofile_top"] = _cprofile_step(step, xs[-1])
     with open(out_path, "w") as f:
         json.dump(full, f, indent=1)
-    return {k: full[k] for k in ("wall_ms_per_step", "gpu_busy_ms_per_step", "families_ms")} | {
+    return {k: full[k] for k in ("wall_ms_per_step", "gpu_busy_ms_per_step", "families_ms",
+                                 "kernel_launches_per_step", "blocking_runtime_calls")} | {
         "top10": [[k["kernel"][:80], k["ms_per_step"]] for k in full["kernels"][:10]]}
 
 
