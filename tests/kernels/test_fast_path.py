@@ -686,3 +686,45 @@ def test_lora_group_matches_separate_layers_with_mixed_ranks_bias_and_an_unused_
             want = getattr(p, name).weight.grad
             got = getattr(f, name).weight.grad
             torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_lora_factor_casts_follow_every_update(fused):
+    """The compute-dtype copies of A and s*B are cached between forward, recompute and backward; an
+    optimizer step (fused or foreach AdamW), load_state_dict and a ``.data`` swap must all reach the next
+    forward, and a backward releases the copies it used."""
+    from deftune.kernels import lora_linear as ll
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=True).to(torch.bfloat16).requires_grad_(False)
+    a = torch.nn.Parameter(0.1 * torch.randn(4, 24))
+    b = torch.nn.Parameter(0.1 * torch.randn(16, 4))
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+
+    def want():
+        with torch.no_grad():
+            return base(x) + (x.float() @ a.t() @ b.t() * 2.0).to(torch.bfloat16)
+
+    def _close(actual, expected):
+        torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+    def got():
+        with torch.no_grad():
+            return ll.lora_linear(x, base, a, b, 2.0)
+
+    _close(got(), want())
+    assert a in ll._CASTS and b in ll._CASTS  # cached by the forward
+    opt = torch.optim.AdamW([a, b], lr=0.05, fused=fused, foreach=None if fused else True)
+    out = ll.lora_linear(x, base, a, b, 2.0)
+    out.float().square().sum().backward()
+    assert a not in ll._CASTS and b not in ll._CASTS  # released by the backward
+    before = got().clone()
+    opt.step()
+    after = got()
+    assert not torch.equal(after, before)
+    _close(after, want())
+    with torch.no_grad():
+        b.copy_(torch.full_like(b, 0.01))  # in place: bumps the version counter
+    _close(got(), want())
+    b.data = torch.full_like(b, -0.02)  # a new storage behind the same parameter
+    _close(got(), want())

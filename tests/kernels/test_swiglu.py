@@ -117,3 +117,24 @@ def test_swiglu_into_lora_down_projection_real_shape_gpu():
     for got, want in ((out, ref), (g0.grad, gr.grad), (u0.grad, ur.grad), (a.grad, ar.grad), (b.grad, br.grad)):
         rel = float((got.float() - want.float()).norm() / want.float().norm())
         assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_backward_with_values_writes_gradients_and_h_in_place(dtype):
+    """The MLP backward's one pass: dg over gate, du over up, h = silu(g) u over dh -- equal to the
+    reference gradients and product, in the three inputs' own storage."""
+    from deftune.kernels.swiglu import swiglu_backward_with_values_
+
+    g0 = (4 * torch.randn(3, 1031, device=DEVICE)).to(dtype)  # a partial last Triton block
+    u0 = torch.randn(3, 1031, device=DEVICE).to(dtype)
+    dh0 = torch.randn(3, 1031, device=DEVICE).to(dtype)
+    gr, ur = leaf(g0), leaf(u0)
+    ref = swiglu_reference(gr, ur)
+    ref.backward(dh0)
+    gate, up, dh = g0.clone(), u0.clone(), dh0.clone()
+    ptrs = (gate.data_ptr(), up.data_ptr(), dh.data_ptr())
+    h = swiglu_backward_with_values_(dh, gate, up)
+    assert (gate.data_ptr(), up.data_ptr(), h.data_ptr()) == ptrs
+    assert_close(gate, gr.grad, dtype)
+    assert_close(up, ur.grad, dtype)
+    assert_close(h, ref, dtype)

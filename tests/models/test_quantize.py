@@ -23,6 +23,7 @@ from deftune.kernels.nf4 import (
 )
 from deftune.models.load import load_model
 from deftune.models.quantize import (
+    ABSMAX_BLOCK_SIZE,
     NF4Linear,
     dequantize_absmax,
     quantize_absmax,
@@ -130,6 +131,27 @@ def test_triton_dequantize_equals_the_reference_exactly(dtype, numel):
     expected = dequantize_nf4_reference(packed, absmax, numel, dtype)
     assert torch.equal(dequantize_nf4_triton(packed, absmax, numel, dtype), expected)
     assert torch.equal(dequantize_nf4(packed, absmax, numel, dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel", [64 * 256 * 2 + 130, 64])  # crosses an absmax-scale block; one block
+def test_triton_double_dequantize_equals_the_reference_exactly(dtype, numel):
+    """The kernel that also undoes the double quantization (absmax from its int8 code) == dequantizing
+    the absmax in PyTorch and then the codes (under the interpreter: no FMA, so bit for bit)."""
+    pytest.importorskip("triton", reason="the NF4 kernel needs triton (extra: deftune[kernels])")
+    from deftune.kernels import use_triton
+    from deftune.kernels._nf4_triton import dequantize_nf4_double_triton
+    from deftune.kernels.nf4 import dequantize_nf4_double
+
+    torch.manual_seed(0)
+    w = torch.randn(numel).to(DEVICE)
+    q = quantize_nf4(w)
+    args = (q["packed_codes"], q["absmax_codes"], q["absmax_scale"], q["absmax_mean"])
+    assert use_triton(q["packed_codes"]), "must test the kernel, not the reference against itself"
+    absmax = dequantize_absmax(q["absmax_codes"], q["absmax_scale"], q["absmax_mean"])
+    expected = dequantize_nf4_reference(q["packed_codes"], absmax, numel, dtype)
+    assert torch.equal(dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected)
+    assert torch.equal(dequantize_nf4_double(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected)
 
 
 # -- NF4Linear --------------------------------------------------------------------------------------

@@ -41,6 +41,54 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_book_ptr, out_ptr, numel
         tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _nf4_dequantize_double_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr, code_book_ptr, out_ptr, numel,
+                                  BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+                                  OUT_BF16: tl.constexpr):
+    # As _nf4_dequantize_kernel, with the block's absmax rebuilt from its int8 code: k * step + m.
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    first = 2 * byte
+    in_range = first < numel
+    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
+    high = tl.load(code_book_ptr + (packed >> 4))
+    low = tl.load(code_book_ptr + (packed & 0xF))
+    block = first // QBLOCK
+    k = tl.load(codes_ptr + block, mask=in_range, other=0).to(tl.float32)
+    step = tl.load(step_ptr + block // ABLOCK, mask=in_range, other=0.0)
+    scale = k * step + tl.load(mean_ptr)
+    values = tl.interleave(high * scale, low * scale)
+    offsets = tl.interleave(first, first + 1)
+    mask = offsets < numel
+    if OUT_BF16:
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(out_ptr + offsets, (bits >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
+                                 absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
+                                 absmax_block: int) -> torch.Tensor:
+    """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch + one tiny division)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if numel == 0:
+        return out
+    # step = d / 127 on the host side of the kernel (1/16384 of the weight): the same float32 division as
+    # the reference, so the kernel's only rounding difference can be an FMA in k * step + m.
+    step = absmax_scale.float() / 127
+    grid = (triton.cdiv((numel + 1) // 2, _BYTES_PER_PROGRAM),)
+    is_bf16 = dtype == torch.bfloat16
+    _nf4_dequantize_double_kernel[grid](
+        packed, absmax_codes, step, absmax_mean.float(), nf4_code_book(packed.device),
+        out.view(torch.int16) if is_bf16 else out, numel,
+        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, OUT_BF16=is_bf16,
+    )
+    return out
+
+
 def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int,
                           dtype: torch.dtype) -> torch.Tensor:
     """Flat ``NF4[q_i] * absmax[i // 64]`` of ``dtype`` (float32, float16 or bfloat16) from the kernel."""

@@ -46,6 +46,29 @@ def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dh * g * s).to(DU.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _swiglu_bwd_values(DH, G, U, n, BLOCK: tl.constexpr):
+    # dg -> G, du -> U, h -> DH: every element is loaded before any store to the same offsets.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _sigmoid(g)
+    tl.store(G + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(G.dtype.element_ty), mask=mask)
+    tl.store(U + offs, (dh * g * s).to(U.dtype.element_ty), mask=mask)
+    tl.store(DH + offs, (g * s * u).to(DH.dtype.element_ty), mask=mask)
+
+
+def swiglu_bwd_values_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """dgate, dup written over gate, up and h = silu(gate) * up over dh (contiguous, same shape);
+    returns dh."""
+    n = gate.numel()
+    if n:
+        _swiglu_bwd_values[(triton.cdiv(n, _BLOCK),)](dh, gate, up, n, BLOCK=_BLOCK)
+    return dh
+
+
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h = silu(gate) * up for contiguous same-shape tensors (no autograd)."""
     h = torch.empty(gate.shape, dtype=torch.result_type(gate, up), device=gate.device)

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from deftune.kernels.swiglu import swiglu_backward_, swiglu_values
+from deftune.kernels.swiglu import swiglu_backward_with_values_, swiglu_values
 
 __all__ = ["base_weight", "compute_dtype", "lora_group", "lora_linear", "lora_linear_given", "swiglu_lora_linear"]
 
@@ -44,11 +46,67 @@ def base_weight(base: nn.Module) -> torch.Tensor:
 def compute_dtype(base: nn.Module) -> torch.dtype:
     """The dtype W0 is used in: its ``weight``'s (a 4-bit layer exposes one in its compute dtype), else the
     declared ``compute_dtype``, else the dequantized weight's."""
+    declared = getattr(base, "compute_dtype", None)
+    if isinstance(declared, torch.dtype) and hasattr(base, "dequantize"):
+        return declared  # a 4-bit layer's weight property would build a tensor on every call
     weight = getattr(base, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return weight.dtype
-    declared = getattr(base, "compute_dtype", None)
     return declared if declared is not None else base_weight(base).dtype
+
+
+# Compute-dtype copies of the float32 LoRA factors (A, and B with the scaling folded in), made once per
+# step instead of in every forward, recompute and backward: at 1B scale a step is bound by host-side op
+# launches, and these casts were ~1,000 of its ~4,500 kernels. An entry is valid while the parameter's
+# version counter (in-place updates: copy_, load_state_dict, foreach optimizers), its storage address
+# (``param.data = ...``) and the count of optimizer steps taken in this process all stay the same -- the
+# last because the fused AdamW kernel updates parameters in place *without* bumping their version counter.
+# A backward drops the entries it used, so the copies of layers already back-propagated are not held
+# while the gradients of the others build up. (An update through ``param.data.copy_`` outside an optimizer
+# is invisible to all three; nothing in deftune does that to a LoRA factor.)
+_CASTS = WeakTensorKeyDictionary()
+_CAT_CASTS = WeakTensorKeyDictionary()
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(_optimizer, _args, _kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``(param * scale).to(dtype)`` without autograd, cached until ``param`` changes."""
+    if param.dtype == dtype and scale == 1.0:
+        return param.detach()  # nothing to cast (and a cache entry would keep its own key alive)
+    key = (param._version, param.data_ptr(), _OPTIMIZER_STEPS[0], dtype, scale)
+    hit = _CASTS.get(param)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        value = (param * scale if scale != 1.0 else param).to(dtype)
+    _CASTS[param] = (key, value)
+    return value
+
+
+def _cast_cat(params, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.cat([p.to(dtype) for p in params])`` (rank axis), cached like :func:`_cast`."""
+    key = (tuple((id(p), p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0], dtype)
+    hit = _CAT_CASTS.get(params[0])
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        value = torch.cat([p.to(dtype) for p in params], 0)
+    _CAT_CASTS[params[0]] = (key, value)
+    return value
+
+
+def _forget(*params: torch.Tensor) -> None:
+    """Drop the cached casts of ``params`` (their last use in this step was the backward just run)."""
+    for p in params:
+        _CASTS.pop(p, None)
+        _CAT_CASTS.pop(p, None)
 
 
 class LoRADeltaFunction(torch.autograd.Function):
@@ -64,9 +122,9 @@ class LoRADeltaFunction(torch.autograd.Function):
     def forward(ctx, x, lora_a, lora_b, base, scaling, dtype):
         xc = x.to(dtype)
         x2 = xc.reshape(-1, xc.shape[-1])
-        u = x2 @ lora_a.to(dtype).t()
+        u = x2 @ _cast(lora_a, dtype).t()
         # s folded into the [out, r] factor; the sum with x W0^T happens in the base GEMM's epilogue.
-        low = u @ (lora_b * scaling).to(dtype).t()
+        low = u @ _cast(lora_b, dtype, scaling).t()
         if base.bias is not None:
             low = low + base.bias.to(dtype)
         ctx.base = base
@@ -82,17 +140,18 @@ class LoRADeltaFunction(torch.autograd.Function):
         dtype = xc.dtype
         dy2 = dy2.to(dtype)
         x2 = xc.reshape(-1, xc.shape[-1])
-        du = dy2 @ (lora_b * s).to(dtype)
+        du = dy2 @ _cast(lora_b, dtype, s)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
             # dU A first (rank-r GEMM), then dy W0 accumulated onto it in place (the big GEMM's epilogue
             # reads and writes the same buffer: one [.., in] tensor instead of two).
-            dx = (du @ lora_a.to(dtype)).addmm_(dy2, base_weight(ctx.base).to(dtype))
+            dx = (du @ _cast(lora_a, dtype)).addmm_(dy2, base_weight(ctx.base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             da = (du.t() @ x2).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
             db = ((dy2.t() @ u) * s).to(lora_b.dtype)
+        _forget(lora_a, lora_b)
         return dx, da, db, None, None, None
 
 
@@ -162,10 +221,10 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
         lora_as, lora_bs = factors[:n], factors[n:]
         xc = x.to(dtype)
         x2 = xc.reshape(-1, xc.shape[-1])
-        u = x2 @ torch.cat([a.to(dtype) for a in lora_as], 0).t()
+        u = x2 @ _cast_cat(lora_as, dtype).t()
         lows, start = [], 0
         for base, s, a, b in zip(bases, scalings, lora_as, lora_bs):
-            low = u[:, start:start + a.shape[0]] @ (b * s).to(dtype).t()
+            low = u[:, start:start + a.shape[0]] @ _cast(b, dtype, s).t()
             if base.bias is not None:
                 low = low + base.bias.to(dtype)
             lows.append(low)
@@ -189,19 +248,20 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
                 dbs.append(torch.zeros_like(b))
             else:
                 dy = dys[i].to(dtype)
-                dus.append(dy @ (b * s).to(dtype))
+                dus.append(dy @ _cast(b, dtype, s))
                 dbs.append(((dy.t() @ u[:, start:start + width]) * s).to(b.dtype))
             start += width
         du = torch.cat(dus, 1)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = du @ torch.cat([a.to(dtype) for a in lora_as], 0)
+            dx = du @ _cast_cat(lora_as, dtype)
             for dy, base in zip(dys, ctx.bases):
                 if dy is not None:
                     dx.addmm_(dy.to(dtype), base_weight(base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
         das = list((du.t() @ x2).split([a.shape[0] for a in lora_as], 0))
         das = [d.to(a.dtype) for d, a in zip(das, lora_as)]
+        _forget(*factors)
         return (dx, None, None, None, *das, *dbs)
 
 
@@ -241,8 +301,8 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
     def forward(ctx, gate, up, lora_a, lora_b, base, scaling, dtype):
         h = swiglu_values(gate, up).to(dtype)
         h2 = h.reshape(-1, h.shape[-1])
-        hu = h2 @ lora_a.to(dtype).t()
-        low = hu @ (lora_b * scaling).to(dtype).t()
+        hu = h2 @ _cast(lora_a, dtype).t()
+        low = hu @ _cast(lora_b, dtype, scaling).t()
         if base.bias is not None:
             low = low + base.bias.to(dtype)
         ctx.base, ctx.scaling = base, scaling
@@ -260,25 +320,28 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
         s = ctx.scaling
         dtype = hu.dtype
         dy2 = dy2.to(dtype)
-        du = dy2 @ (lora_b * s).to(dtype)
+        du = dy2 @ _cast(lora_b, dtype, s)
         db = ((dy2.t() @ hu) * s).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
         width = gate.shape[-1]
         g2, u2 = gate.contiguous().reshape(-1, width), up.contiguous().reshape(-1, width)
-        w0, a = base_weight(ctx.base).to(dtype), lora_a.to(dtype)
-        da = torch.zeros(lora_a.shape, dtype=torch.float32, device=du.device) if ctx.needs_input_grad[2] else None
-        # Row blocks: h (for dA) and dh = dU A + dy W0 exist one block at a time, and SwiGLU's backward
-        # writes each block's dg, du over g and u, so the MLP's backward holds g, u and one [rows, I] block.
+        w0, a = base_weight(ctx.base).to(dtype), _cast(lora_a, dtype)
+        da = None
+        # Row blocks: dh = dU A + dy W0 exists one block at a time; one kernel then writes the block's dg,
+        # du over g and u and h = silu(g) u over dh (h is what dA = dU^T h needs), so the MLP's backward
+        # holds g, u and one [rows, I] block and rebuilds h without a kernel or a buffer of its own.
         rows = max(1, _BACKWARD_BLOCK_BYTES // (width * g2.element_size()))
         for start in range(0, g2.shape[0], rows):
             end = min(start + rows, g2.shape[0])
-            g_blk, u_blk, du_blk = g2[start:end], u2[start:end], du[start:end]
-            if da is not None:
-                da += (du_blk.t() @ swiglu_values(g_blk, u_blk).to(dtype)).float()
+            du_blk = du[start:end]
             dh = (du_blk @ a).addmm_(dy2[start:end], w0)
-            swiglu_backward_(dh.to(gate.dtype), g_blk, u_blk)
-            del dh
+            h = swiglu_backward_with_values_(dh, g2[start:end], u2[start:end])
+            if ctx.needs_input_grad[2]:
+                part = du_blk.t() @ h.to(dtype)
+                da = part.float() if da is None else da.add_(part)
+            del dh, h
         if da is not None:
             da = da.to(lora_a.dtype)
+        _forget(lora_a, lora_b)
         return g2.reshape(gate.shape), u2.reshape(up.shape), da, db, None, None, None
 
 

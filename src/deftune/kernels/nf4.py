@@ -23,7 +23,7 @@ import torch
 from deftune.kernels import use_triton
 
 __all__ = ["NF4_CODE_VALUES", "BLOCK_SIZE", "nf4_code_book", "pack_nibbles", "unpack_nibbles",
-           "dequantize_nf4", "dequantize_nf4_reference"]
+           "dequantize_nf4", "dequantize_nf4_double", "dequantize_nf4_reference"]
 
 # NF4 code book, the table in the QLoRA paper's Appendix E. Construction (Sec. 3 of the paper): the
 # quantiles of N(0, 1) at 8 evenly spaced probabilities from delta = 0.9677083 (= (1/2)(1/32 + 1/30)
@@ -76,4 +76,23 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, numel: int,
         from deftune.kernels._nf4_triton import dequantize_nf4_triton
 
         return dequantize_nf4_triton(packed, absmax, numel, dtype)
+    return dequantize_nf4_reference(packed, absmax, numel, dtype)
+
+
+def dequantize_nf4_double(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
+                          absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
+                          absmax_block: int = 256) -> torch.Tensor:
+    """:func:`dequantize_nf4` of a double-quantized weight: the absmax of block b is
+    ``c'_b = k_b * (d_{b // absmax_block} / 127) + m`` (int8 codes k, float32 scales d and mean m), undone
+    inside the Triton kernel instead of by ~8 PyTorch ops per call (one 4-bit projection dequantizes three
+    times a step: forward, recompute, backward). The reference path computes c' with PyTorch first.
+    On a GPU the kernel may fuse ``k * step + m`` into one FMA, so c' can differ from the reference in its
+    last float32 bit there; under the interpreter the two are equal bit for bit."""
+    if use_triton(packed, absmax_codes):
+        from deftune.kernels._nf4_triton import dequantize_nf4_double_triton
+
+        return dequantize_nf4_double_triton(packed, absmax_codes, absmax_scale, absmax_mean, numel, dtype,
+                                            absmax_block)
+    step = (absmax_scale.float() / 127).repeat_interleave(absmax_block)[: absmax_codes.numel()]
+    absmax = absmax_codes.float() * step + absmax_mean.float()
     return dequantize_nf4_reference(packed, absmax, numel, dtype)

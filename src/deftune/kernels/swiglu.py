@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from deftune.kernels import use_triton
 
-__all__ = ["swiglu", "swiglu_backward_", "swiglu_reference", "swiglu_values"]
+__all__ = ["swiglu", "swiglu_backward_", "swiglu_backward_with_values_", "swiglu_reference", "swiglu_values"]
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -57,3 +57,21 @@ def swiglu_backward_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> 
     gate.copy_(dg)
     up.copy_(du)
     return gate, up
+
+
+def swiglu_backward_with_values_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_backward_` that also returns ``h = silu(gate) * up``, written over ``dh``: one pass
+    reads dh, g and u once and writes dg, du and h in their places (each element is read before any of
+    the three is written). ``gate``, ``up`` (contiguous) and ``dh`` must not be needed afterwards.
+    Returns ``dh`` holding h (in dh's dtype)."""
+    if use_triton(dh, gate, up):
+        from deftune.kernels._swiglu_triton import swiglu_bwd_values_
+
+        return swiglu_bwd_values_(dh, gate, up)
+    g, u, d = gate.float(), up.float(), dh.float()
+    s = torch.sigmoid(g)
+    dg, du, h = d * u * s * (1 + g * (1 - s)), d * g * s, g * s * u
+    gate.copy_(dg)
+    up.copy_(du)
+    dh.copy_(h)
+    return dh

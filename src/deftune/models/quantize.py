@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deftune.kernels.nf4 import BLOCK_SIZE, NF4_CODE_VALUES, dequantize_nf4, pack_nibbles
+from deftune.kernels.nf4 import BLOCK_SIZE, NF4_CODE_VALUES, dequantize_nf4_double, pack_nibbles
 from deftune.models.patch import replace_module
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,9 @@ class NF4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """dequant(W) = NF4[q] * c', shape [out, in], in ``compute_dtype``."""
-        flat = dequantize_nf4(self.packed_codes, self.absmax(), self.in_features * self.out_features,
-                              self.compute_dtype)
+        flat = dequantize_nf4_double(self.packed_codes, self.absmax_codes, self.absmax_scale, self.absmax_mean,
+                                     self.in_features * self.out_features, self.compute_dtype,
+                                     ABSMAX_BLOCK_SIZE)
         return flat.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

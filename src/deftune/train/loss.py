@@ -47,10 +47,11 @@ def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]
 
         loss = fast_loss_sum(model, picked, targets[keep])
         if loss is not None:
-            return loss, int(keep.sum())
+            # The count from the selection's shape: int(keep.sum()) would wait on the GPU a second time.
+            return loss, picked.shape[0]
     logits = logits_from_hidden(model, picked).float()
     loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return loss, picked.shape[0]
 
 
 def count_label_tokens(batch: dict) -> int:
