@@ -177,7 +177,9 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
     sync()
     t = time.perf_counter()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
+    stacks = bool(os.environ.get("BENCH_PROFILE_STACK"))
+    # Input shapes, not Python stacks: with_stack trips a decoding bug in some torch builds' profilers.
+    with profile(activities=acts, record_shapes=stacks) as prof:
         for x in xs:
             step(x)
         sync()
@@ -217,6 +219,16 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
             "cpu_ops": [{"op": k[:160], "self_cpu_ms_per_step": round(ms, 3), "calls_per_step": c}
                         for k, ms, c in cpu_ops[:60]],
             "blocking_runtime_calls": blocking}
+    if stacks:
+        # Which copies: copy/clone ops grouped by their input shapes, by device time.
+        sites = []
+        for evt in prof.key_averages(group_by_input_shape=True):
+            if evt.key in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::index"):
+                dev = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+                sites.append({"op": evt.key, "calls_per_step": evt.count / n, "device_ms_per_step":
+                              round(dev / n / 1e3, 3), "shapes": str(evt.input_shapes)[:200]})
+        sites.sort(key=lambda r: -r["device_ms_per_step"])
+        full["copy_sites"] = sites[:25]
     if os.environ.get("BENCH_CPROFILE"):
         full["cprofile_top"] = _cprofile_step(step, xs[-1])
     with open(out_path, "w") as f:
