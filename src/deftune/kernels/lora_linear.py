@@ -130,12 +130,16 @@ class LoRADeltaFunction(torch.autograd.Function):
         ctx.base = base
         ctx.scaling = scaling
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(xc, u, lora_a, lora_b)
+        # The factors ride on ctx, not through save_for_backward: a checkpoint's saved-tensor hooks would hand
+        # backward detached aliases of them, which miss the cast cache (and pass through the offload hooks).
+        ctx.factors = (lora_a, lora_b)
+        ctx.save_for_backward(xc, u)
         return low
 
     @staticmethod
     def backward(ctx, dy2):
-        xc, u, lora_a, lora_b = ctx.saved_tensors
+        xc, u = ctx.saved_tensors
+        lora_a, lora_b = ctx.factors
         s = ctx.scaling
         dtype = xc.dtype
         dy2 = dy2.to(dtype)
@@ -230,12 +234,14 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
             lows.append(low)
             start += a.shape[0]
         ctx.bases, ctx.scalings, ctx.x_dtype = bases, scalings, x.dtype
-        ctx.save_for_backward(xc, u, *factors)
+        ctx.factors = factors  # on ctx, not saved: see LoRADeltaFunction.forward
+        ctx.save_for_backward(xc, u)
         return tuple(lows)
 
     @staticmethod
     def backward(ctx, *dys):
-        xc, u, *factors = ctx.saved_tensors
+        xc, u = ctx.saved_tensors
+        factors = ctx.factors
         n = len(ctx.bases)
         lora_as, lora_bs = factors[:n], factors[n:]
         dtype = xc.dtype
@@ -309,14 +315,16 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(h2)
         # h2 never gets a gradient: without this autograd would hand backward a [T, I] tensor of zeros.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(gate, up, hu, lora_a, lora_b)
+        ctx.factors = (lora_a, lora_b)  # on ctx, not saved: see LoRADeltaFunction.forward
+        ctx.save_for_backward(gate, up, hu)
         return low, h2
 
     @staticmethod
     def backward(ctx, dy2, _dh2_unused):
         if dy2 is None:  # grads are not materialized: nothing reached the adapter's output
             return None, None, None, None, None, None, None
-        gate, up, hu, lora_a, lora_b = ctx.saved_tensors
+        gate, up, hu = ctx.saved_tensors
+        lora_a, lora_b = ctx.factors
         s = ctx.scaling
         dtype = hu.dtype
         dy2 = dy2.to(dtype)
