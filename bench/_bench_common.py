@@ -229,6 +229,19 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
                               round(dev / n / 1e3, 3), "shapes": str(evt.input_shapes)[:200]})
         sites.sort(key=lambda r: -r["device_ms_per_step"])
         full["copy_sites"] = sites[:25]
+        # Who calls cudaMemcpyAsync (a device-to-device memcpy runs on a copy engine that the offload's
+        # host copies keep busy, and the compute stream waits for it): the chain of enclosing ops.
+        callers: dict[str, int] = {}
+        for evt in prof.events():
+            if evt.name not in ("cudaMemcpyAsync", "cudaMemcpy"):
+                continue
+            chain, parent = [], getattr(evt, "cpu_parent", None)
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name[:60])
+                parent = getattr(parent, "cpu_parent", None)
+            key = " <- ".join(chain) or "(no parent op)"
+            callers[key] = callers.get(key, 0) + 1
+        full["memcpy_callers"] = sorted(([k, c / n] for k, c in callers.items()), key=lambda r: -r[1])[:20]
     if os.environ.get("BENCH_CPROFILE"):
         full["cprofile_top"] = _cprofile_step(step, xs[-1])
     with open(out_path, "w") as f:

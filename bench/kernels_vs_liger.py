@@ -171,7 +171,51 @@ def ops_for(shape: dict) -> list[dict]:
             },
         )
     )
+    rows.append(nf4_race(shape))
     return rows
+
+
+def nf4_race(shape: dict, dev: str = "cuda", race_fn=None) -> dict:
+    """NF4 dequantization of one MLP weight [inter, hidden] to bf16 (QLoRA's per-use cost; no backward):
+    deftune's two Triton kernels, bitsandbytes' CUDA kernel (its own NF4 + double-quant format) and
+    torchao's NF4Tensor, so the 4-bit path is chosen by measurement. Each quantizes the same weight."""
+    from deftune.kernels import _nf4_triton
+    from deftune.models.quantize import ABSMAX_BLOCK_SIZE, NF4Linear
+
+    bf16 = torch.bfloat16
+    w = torch.randn(shape["inter"], shape["hidden"], device=dev, dtype=bf16) * 0.02
+    base = torch.nn.Linear(shape["hidden"], shape["inter"], bias=False, device=dev, dtype=bf16)
+    with torch.no_grad():
+        base.weight.copy_(w)
+    layer = NF4Linear.from_linear(base)
+    args = (layer.packed_codes, layer.absmax_codes, layer.absmax_scale, layer.absmax_mean,
+            w.numel(), bf16, ABSMAX_BLOCK_SIZE)
+    candidates = {
+        "deftune": lambda: _nf4_triton.dequantize_nf4_double_triton(*args, variant="flat"),
+        "deftune rows": lambda: _nf4_triton.dequantize_nf4_double_triton(*args, variant="rows"),
+    }
+    try:
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        candidates["bitsandbytes"] = lambda: bnbf.dequantize_4bit(packed, state)
+    except Exception as exc:
+        candidates["bitsandbytes"] = _raiser(exc)
+    try:
+        from torchao.dtypes.nf4tensor import to_nf4
+
+        nf4 = to_nf4(w, 64, 256)
+        candidates["torchao"] = lambda: nf4.get_original_weight()
+    except Exception as exc:
+        candidates["torchao"] = _raiser(exc)
+    return (race_fn or race)(f"nf4 dequantize [{shape['inter']}, {shape['hidden']}] -> bf16", candidates)
+
+
+def _raiser(exc: Exception):
+    def run():
+        raise exc
+
+    return run
 
 
 def main() -> None:
