@@ -728,3 +728,33 @@ def test_lora_factor_casts_follow_every_update(fused):
     _close(got(), want())
     b.data = torch.full_like(b, -0.02)  # a new storage behind the same parameter
     _close(got(), want())
+
+
+def test_base_gemm_accumulates_into_the_adapter_term_in_place(monkeypatch):
+    """The frozen GEMM adds x W0^T onto the adapter term's own buffer (no copy of it into a new output),
+    and values and gradients still equal base(x) + s (x A^T) B^T."""
+    from deftune.kernels import lora_linear as ll
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=True).requires_grad_(False)
+    a = torch.nn.Parameter(0.1 * torch.randn(4, 24))
+    b = torch.nn.Parameter(0.1 * torch.randn(16, 4))
+    x = torch.randn(5, 24, requires_grad=True)
+    seen = {}
+    real = ll.LoRADeltaFunction.forward
+
+    def spy(ctx, *args):
+        seen["low"] = real(ctx, *args)
+        return seen["low"]
+
+    monkeypatch.setattr(ll.LoRADeltaFunction, "forward", staticmethod(spy))
+    y = ll.lora_linear(x, base, a, b, 2.0)
+    assert y.data_ptr() == seen["low"].data_ptr()
+    xr, ar, br = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    ref = base(xr) + (xr @ ar.t() @ br.t()) * 2.0
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    for got, want in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got, want)
