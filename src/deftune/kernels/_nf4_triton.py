@@ -19,22 +19,10 @@ _BYTES_PER_PROGRAM = 1024
 
 
 @triton.jit
-def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_book_ptr, out_ptr, numel,
-                           BLOCK: tl.constexpr, QBLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
-    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    first = 2 * byte  # index of the element in the byte's high nibble
-    in_range = first < numel
-    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    high = tl.load(code_book_ptr + (packed >> 4))
-    low = tl.load(code_book_ptr + (packed & 0xF))
-    # QBLOCK is even, so both elements of a byte share one absmax.
-    scale = tl.load(absmax_ptr + first // QBLOCK, mask=in_range, other=0.0)
-    values = tl.interleave(high * scale, low * scale)
-    offsets = tl.interleave(first, first + 1)
-    mask = offsets < numel
+def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr):
     if OUT_BF16:
         # float32 -> bfloat16 by hand, round to nearest even on the bit pattern: the interpreter's own
-        # cast truncates, and the tests compare this kernel with the reference bit for bit. (Finite
+        # cast truncates, and the tests compare these kernels with the reference bit for bit. (Finite
         # values only; NF4 * absmax is always finite.)
         bits = values.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
@@ -44,29 +32,28 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_book_ptr, out_ptr, numel
 
 
 @triton.jit
-def _nf4_dequantize_double_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr, code_book_ptr, out_ptr, numel,
-                                  BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
-                                  OUT_BF16: tl.constexpr):
-    # As _nf4_dequantize_kernel, with the block's absmax rebuilt from its int8 code: k * step + m.
+def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr, code_book_ptr, out_ptr, numel,
+                           BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr, DOUBLE: tl.constexpr,
+                           OUT_BF16: tl.constexpr):
+    # DOUBLE: the block's absmax is rebuilt from its int8 code, k * step + m (codes/step/mean); otherwise
+    # read from absmax_ptr (float32).
     byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    first = 2 * byte
+    first = 2 * byte  # index of the element in the byte's high nibble
     in_range = first < numel
     packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
     high = tl.load(code_book_ptr + (packed >> 4))
     low = tl.load(code_book_ptr + (packed & 0xF))
+    # QBLOCK is even, so both elements of a byte share one absmax.
     block = first // QBLOCK
-    k = tl.load(codes_ptr + block, mask=in_range, other=0).to(tl.float32)
-    step = tl.load(step_ptr + block // ABLOCK, mask=in_range, other=0.0)
-    scale = k * step + tl.load(mean_ptr)
+    if DOUBLE:
+        k = tl.load(codes_ptr + block, mask=in_range, other=0).to(tl.float32)
+        step = tl.load(step_ptr + block // ABLOCK, mask=in_range, other=0.0)
+        scale = k * step + tl.load(mean_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
     values = tl.interleave(high * scale, low * scale)
     offsets = tl.interleave(first, first + 1)
-    mask = offsets < numel
-    if OUT_BF16:
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(out_ptr + offsets, (bits >> 16).to(tl.int16), mask=mask)
-    else:
-        tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16)
 
 
 @triton.jit
@@ -91,13 +78,7 @@ def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr
     scale = (k * step + tl.load(mean_ptr))[:, None]
     values = tl.interleave(high * scale, low * scale)
     offsets = tl.interleave(first, first + 1)
-    mask = offsets < numel
-    if OUT_BF16:
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(out_ptr + offsets, (bits >> 16).to(tl.int16), mask=mask)
-    else:
-        tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16)
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,9 +118,9 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
         )
         return out
     grid = (triton.cdiv((numel + 1) // 2, _BYTES_PER_PROGRAM),)
-    _nf4_dequantize_double_kernel[grid](
-        packed, absmax_codes, step, absmax_mean.float(), nf4_code_book(packed.device), out_view, numel,
-        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, OUT_BF16=is_bf16,
+    _nf4_dequantize_kernel[grid](
+        packed, step, absmax_codes, step, absmax_mean.float(), nf4_code_book(packed.device), out_view, numel,
+        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True, OUT_BF16=is_bf16,
     )
     return out
 
@@ -155,9 +136,10 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int
     n_bytes = (numel + 1) // 2
     grid = (triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)
     is_bf16 = dtype == torch.bfloat16
+    absmax = absmax.float().contiguous()
     _nf4_dequantize_kernel[grid](
-        packed.contiguous(), absmax.float().contiguous(), nf4_code_book(packed.device),
+        packed.contiguous(), absmax, absmax, absmax, absmax, nf4_code_book(packed.device),
         out.view(torch.int16) if is_bf16 else out, numel,
-        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, OUT_BF16=is_bf16,
+        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=1, DOUBLE=False, OUT_BF16=is_bf16,
     )
     return out

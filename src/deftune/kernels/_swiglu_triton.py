@@ -35,7 +35,9 @@ def _swiglu_fwd(G, U, H, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
+def _swiglu_bwd(DH, G, U, DG, DU, H, n, BLOCK: tl.constexpr, WRITE_H: tl.constexpr):
+    # dg -> DG, du -> DU and (WRITE_H) h -> H; any of them may alias DH, G or U: every element is loaded
+    # before any store to the same offsets.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
@@ -44,20 +46,8 @@ def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
     s = _sigmoid(g)
     tl.store(DG + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, (dh * g * s).to(DU.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _swiglu_bwd_values(DH, G, U, n, BLOCK: tl.constexpr):
-    # dg -> G, du -> U, h -> DH: every element is loaded before any store to the same offsets.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _sigmoid(g)
-    tl.store(G + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(G.dtype.element_ty), mask=mask)
-    tl.store(U + offs, (dh * g * s).to(U.dtype.element_ty), mask=mask)
-    tl.store(DH + offs, (g * s * u).to(DH.dtype.element_ty), mask=mask)
+    if WRITE_H:
+        tl.store(H + offs, (g * s * u).to(H.dtype.element_ty), mask=mask)
 
 
 def swiglu_bwd_values_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -65,7 +55,7 @@ def swiglu_bwd_values_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
     returns dh."""
     n = gate.numel()
     if n:
-        _swiglu_bwd_values[(triton.cdiv(n, _BLOCK),)](dh, gate, up, n, BLOCK=_BLOCK)
+        _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh, gate, up, gate, up, dh, n, BLOCK=_BLOCK, WRITE_H=True)
     return dh
 
 
@@ -82,7 +72,8 @@ def swiglu_bwd_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple
     """(dgate, dup) written over (gate, up) (no autograd; contiguous same-shape tensors)."""
     n = gate.numel()
     if n:
-        _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh.contiguous(), gate, up, gate, up, n, BLOCK=_BLOCK)
+        dh = dh.contiguous()
+        _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh, gate, up, gate, up, dh, n, BLOCK=_BLOCK, WRITE_H=False)
     return gate, up
 
 
@@ -112,7 +103,7 @@ class SwiGLUFunction(torch.autograd.Function):
             dg, du = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
-            _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dg, du, n, BLOCK=_BLOCK)
+            _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dg, du, dh, n, BLOCK=_BLOCK, WRITE_H=False)
         return dg, du, None
 
 
