@@ -2,6 +2,7 @@
 
     python bench/_bench_common.py make --shape llama-1b --dir /tmp/m1b   # random-init model + tokenizer
     python bench/_bench_common.py ceiling                                # bf16 matmul ceiling of this card
+    python bench/_bench_common.py digest                                 # sha1 of src/deftune (results name it)
 
 Each runner prints exactly one result line ``BENCH_JSON {...}`` on stdout; the driver reads that line
 and ignores everything else a framework prints.
@@ -280,9 +281,29 @@ def versions() -> dict:
 
         out["deftune_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                             text=True, timeout=10).stdout.strip()
+        # A copied tree (the GPU host's) can carry stale git metadata: say when the sources differ from it.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        if dirty:
+            out["deftune_git"] += "+modified"
     except Exception:
         pass
+    out["deftune_src_sha1"] = src_digest()
     return out
+
+
+def src_digest() -> str:
+    """sha1 over deftune's source files (path + content), to match a result to a commit when git
+    metadata cannot be trusted: ``python bench/_bench_common.py digest`` at that commit prints the same."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "src" / "deftune"
+    h = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def host_rss_gib() -> float:
@@ -369,7 +390,7 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["make", "ceiling"])
+    ap.add_argument("what", choices=["make", "ceiling", "digest"])
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
     ap.add_argument("--dir", default="")
     ap.add_argument("--device", default="cuda")
@@ -377,6 +398,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.what == "make":
         emit(make_model_folder(a.shape, a.dir, a.device, a.max_position_embeddings))
+    elif a.what == "digest":
+        print(src_digest())
     else:
         emit(matmul_ceiling())
 

@@ -227,7 +227,10 @@ def main() -> None:
         raise SystemExit("kernels_vs_liger.py needs a CUDA GPU")
     import transformers
 
+    from _bench_common import versions as bench_versions
+
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    versions.update({k: v for k, v in bench_versions().items() if k.startswith("deftune")})
     try:
         import importlib.metadata as md
 
