@@ -82,4 +82,9 @@ for part in $PARTS; do
   say "$part finished (exit $rc; 124 = hard timeout, the JSON keeps the rows done before it)"
 done
 # Model folders stay in /tmp for a later call on the same warm machine; nothing large goes to OUTDIR.
+# The per-row logs and profiles go back as one archive (the device tool returns only a few files per call).
+logdirs=$(cd "$OUTDIR" && ls -d *_logs 2>/dev/null)
+if [ -n "$logdirs" ]; then
+  (cd "$OUTDIR" && tar czf logs.tgz $logdirs && rm -rf $logdirs) && say "row logs and profiles: logs.tgz"
+fi
 say "all done"
