@@ -20,7 +20,9 @@ The adapter term and the base GEMM are separate Functions (the GEMM saves nothin
 checkpointed layer's recompute stops before its final GEMM, and a recompute may be handed the GEMM's output
 instead of running it (:func:`lora_linear_given`). Projections that read the same x share one adapter
 Function (:func:`lora_group`), and a LoRA down projection takes SwiGLU into its own
-(:func:`swiglu_lora_linear`).
+(:func:`swiglu_lora_linear`). The base GEMM adds its product onto the adapter term's buffer in place
+(beta = 1 epilogue, no copy), and the compute-dtype copies of A and s B are made once per step (cached
+until the factors change; see ``_CASTS``).
 Only valid without LoRA dropout (dropout would need its mask saved); the patch leaves such modules alone.
 """
 
