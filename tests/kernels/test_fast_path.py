@@ -758,3 +758,19 @@ def test_base_gemm_accumulates_into_the_adapter_term_in_place(monkeypatch):
     ref.backward(g)
     for got, want in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
         torch.testing.assert_close(got, want)
+
+
+def test_lora_factor_casts_work_for_inference_tensors():
+    """Factors created under inference_mode have no version counter: they are cast every time, not cached."""
+    from deftune.kernels import lora_linear as ll
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=False).to(torch.bfloat16).requires_grad_(False)
+    with torch.inference_mode():
+        a = 0.1 * torch.randn(4, 24)
+        b = 0.1 * torch.randn(16, 4)
+        x = torch.randn(5, 24, dtype=torch.bfloat16)
+        y = ll.lora_linear(x, base, a, b, 2.0)
+        want = base(x) + (x.float() @ a.t() @ b.t() * 2.0).to(torch.bfloat16)
+    torch.testing.assert_close(y.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert a not in ll._CASTS and b not in ll._CASTS

@@ -82,6 +82,9 @@ def _cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.
     """``(param * scale).to(dtype)`` without autograd, cached until ``param`` changes."""
     if param.dtype == dtype and scale == 1.0:
         return param.detach()  # nothing to cast (and a cache entry would keep its own key alive)
+    if param.is_inference():  # no version counter to key on: cast every time
+        with torch.no_grad():
+            return (param * scale if scale != 1.0 else param).to(dtype)
     key = (param._version, param.data_ptr(), _OPTIMIZER_STEPS[0], dtype, scale)
     hit = _CASTS.get(param)
     if hit is not None and hit[0] == key:
@@ -94,6 +97,9 @@ def _cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.
 
 def _cast_cat(params, dtype: torch.dtype) -> torch.Tensor:
     """``torch.cat([p.to(dtype) for p in params])`` (rank axis), cached like :func:`_cast`."""
+    if any(p.is_inference() for p in params):
+        with torch.no_grad():
+            return torch.cat([p.to(dtype) for p in params], 0)
     key = (tuple((id(p), p._version, p.data_ptr()) for p in params), _OPTIMIZER_STEPS[0], dtype)
     hit = _CAT_CASTS.get(params[0])
     if hit is not None and hit[0] == key:
