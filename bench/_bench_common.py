@@ -70,6 +70,24 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+def runner_args(description: str, device: bool = True):
+    """The argument parser every per-framework runner starts from: the workload (model folder, shape,
+    batch, sequence, LoRA rank, timed and warm-up steps) and, unless CUDA-only, the device."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    if device:
+        ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    return ap
+
+
 def labels_loss_step(model, params, opt):
     """One training step as the HF+PEFT anchors take it: the model's own loss (labels = inputs), backward,
     clip 1.0, optimizer step. Returns ``step(x) -> loss``."""

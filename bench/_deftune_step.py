@@ -19,14 +19,13 @@ the plain bf16 path.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import SHAPES, emit, make_model_folder, timed_steps  # noqa: E402
+from _bench_common import emit, make_model_folder, runner_args, timed_steps  # noqa: E402
 
 
 def recipe_overrides(model_dir: str, device: str, fast: bool, quantize: str, offload: bool, rank: int = 16,
@@ -184,16 +183,8 @@ def phase_peaks(built: dict, input_ids) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap = runner_args(__doc__)
     ap.add_argument("--make", action="store_true", help="create the random-init model folder first (if absent)")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--bs", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fast", type=int, default=1)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
     ap.add_argument("--offload", type=int, default=0)

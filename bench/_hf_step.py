@@ -13,25 +13,16 @@ Prints one ``BENCH_JSON`` line.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import LORA_TARGETS, SHAPES, emit, labels_loss_step, timed_steps  # noqa: E402
+from _bench_common import LORA_TARGETS, emit, labels_loss_step, runner_args, timed_steps  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--bs", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap = runner_args(__doc__)
     ap.add_argument("--liger", action="store_true")
     ap.add_argument("--bnb4", action="store_true")
     a = ap.parse_args()

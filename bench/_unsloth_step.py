@@ -8,7 +8,6 @@ Runs in its own process: importing unsloth patches transformers. Prints one ``BE
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -17,18 +16,11 @@ for _k, _v in dict(UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1", TRANSFORM
                    HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false").items():
     os.environ.setdefault(_k, _v)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import LORA_TARGETS, SHAPES, emit, labels_loss_step, timed_steps  # noqa: E402
+from _bench_common import LORA_TARGETS, emit, labels_loss_step, runner_args, timed_steps  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
-    ap.add_argument("--bs", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap = runner_args(__doc__, device=False)
     ap.add_argument("--load4bit", action="store_true")
     a = ap.parse_args()
     row = {"impl": "unsloth" + (" 4bit" if a.load4bit else ""), "shape": a.shape, "bs": a.bs, "seq": a.seq,
