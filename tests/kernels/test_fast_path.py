@@ -774,3 +774,27 @@ def test_lora_factor_casts_work_for_inference_tensors():
         want = base(x) + (x.float() @ a.t() @ b.t() * 2.0).to(torch.bfloat16)
     torch.testing.assert_close(y.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert a not in ll._CASTS and b not in ll._CASTS
+
+
+def test_fast_path_under_autocast_with_a_float32_base():
+    """model.dtype float32 + the trainer's bf16 autocast: the fused projections compute in autocast's dtype
+    as F.linear would (W0 cast per use), so forward and backward run and match the plain model under the same
+    autocast (they used to mix float32 and bf16 in one matmul)."""
+    plain = _lora_model("llama").float()
+    fast = copy.deepcopy(plain)
+    apply_fast_path(fast, log=lambda _: None)
+    batch = _batch()
+    results = []
+    for model in (plain, fast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss, _ = response_loss_sum(model, batch)
+        loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss), grads))
+    (loss_p, grads_p), (loss_f, grads_f) = results
+    assert loss_f == pytest.approx(loss_p, rel=2e-2)
+    for name, want in grads_p.items():
+        assert grads_f[name].dtype == torch.float32
+        rel = float((grads_f[name] - want).norm() / want.norm().clamp_min(1e-12))
+        assert rel < 0.1, (name, rel)

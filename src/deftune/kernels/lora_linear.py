@@ -35,7 +35,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from deftune.kernels.swiglu import swiglu_backward_with_values_, swiglu_values
 
-__all__ = ["base_weight", "compute_dtype", "lora_group", "lora_linear", "lora_linear_given", "swiglu_lora_linear"]
+__all__ = ["base_weight", "compute_dtype", "lora_group", "lora_linear", "lora_linear_given", "run_dtype",
+           "swiglu_lora_linear"]
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
@@ -55,6 +56,19 @@ def compute_dtype(base: nn.Module) -> torch.dtype:
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return weight.dtype
     return declared if declared is not None else base_weight(base).dtype
+
+
+def run_dtype(x: torch.Tensor, base: nn.Module) -> torch.dtype:
+    """The dtype a projection of ``x`` computes in: autocast's when autocast is on for x's device (what
+    ``F.linear`` would use there, whatever W0 is stored in), else W0's (:func:`compute_dtype`)."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if enabled:
+        return torch.get_autocast_dtype(device_type)
+    return compute_dtype(base)
 
 
 # Compute-dtype copies of the float32 LoRA factors (A, and B with the scaling folded in), made once per
@@ -209,12 +223,12 @@ def lora_linear_given(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lo
                       scaling: float, value: torch.Tensor | None) -> torch.Tensor:
     """:func:`lora_linear`; when ``value`` (the output, [..., out]) is given the base GEMM is skipped and
     ``value`` returned, with the same graph and saved tensors as a full call (for recomputation)."""
-    dtype = compute_dtype(base) if value is None else value.dtype
+    dtype = run_dtype(x, base) if value is None else value.dtype
     low = LoRADeltaFunction.apply(x, lora_a, lora_b, base, scaling, dtype)
     x2 = x.detach().to(dtype).reshape(-1, x.shape[-1])
     if value is None:
         # W0 read (dequantized, for a 4-bit base) after the last save: a recompute stops before this.
-        y = FrozenAddmmFunction.apply(low, x2, base_weight(base))
+        y = FrozenAddmmFunction.apply(low, x2, base_weight(base).to(dtype))
     else:
         y = GivenOutputFunction.apply(low, value.reshape(low.shape[0], -1))
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -289,14 +303,14 @@ def lora_group(x: torch.Tensor, projections: list[nn.Module], values: list | Non
     :class:`LoRAGroupDeltaFunction` and one saving-nothing base GEMM each (or the given ``values``, as in
     :func:`lora_linear_given`)."""
     bases = tuple(p.base_layer for p in projections)
-    dtype = compute_dtype(bases[0]) if values is None else values[0].dtype
+    dtype = run_dtype(x, bases[0]) if values is None else values[0].dtype
     factors = [p.lora_A.weight for p in projections] + [p.lora_B.weight for p in projections]
     lows = LoRAGroupDeltaFunction.apply(x, dtype, bases, tuple(p.scaling for p in projections), *factors)
     x2 = x.detach().to(dtype).reshape(-1, x.shape[-1])
     outs = []
     for i, (low, base) in enumerate(zip(lows, bases)):
         if values is None:
-            y = FrozenAddmmFunction.apply(low, x2, base_weight(base))
+            y = FrozenAddmmFunction.apply(low, x2, base_weight(base).to(dtype))
         else:
             y = GivenOutputFunction.apply(low, values[i].reshape(low.shape[0], -1))
         outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
@@ -371,7 +385,7 @@ def swiglu_lora_linear(gate: torch.Tensor, up: torch.Tensor, base: nn.Module, lo
     """``down(silu(gate) * up)`` for a LoRA down projection (frozen ``base``), as
     :class:`SwiGLULoRADeltaFunction` + the saving-nothing base GEMM. ``gate`` and ``up`` are overwritten
     by their gradients in backward (the MLP's own outputs, read by nothing else)."""
-    dtype = compute_dtype(base)
+    dtype = run_dtype(gate, base)
     low, h2 = SwiGLULoRADeltaFunction.apply(gate, up, lora_a, lora_b, base, scaling, dtype)
-    y = FrozenAddmmFunction.apply(low, h2, base_weight(base))
+    y = FrozenAddmmFunction.apply(low, h2, base_weight(base).to(dtype))
     return y.reshape(*gate.shape[:-1], y.shape[-1])
