@@ -53,7 +53,8 @@ def _sets(overrides: list[str]) -> list[str]:
 
 def parse_variants(text: str) -> list[tuple[str, list[str]]]:
     """``"mlp8:train.offload_mlp_layers=8;skip2:train.checkpoint_skip=2,train.offload_mlp_layers=4"`` ->
-    [(label, [key=value, ...]), ...]."""
+    [(label, [key=value, ...]), ...]. An item ``env:NAME=value`` sets an environment variable for that
+    row's process instead (e.g. ``fl:env:DEFTUNE_FAST_LAUNCH=1``)."""
     out = []
     for part in (p.strip() for p in text.split(";") if p.strip()):
         label, _, kvs = part.partition(":")
@@ -73,7 +74,8 @@ def row_plan(precisions: list[int], offload: bool, primary_set: tuple[str, ...] 
              "cmd": dt + ["--fast", "1", "--quantize", "nf4", "--offload", str(int(offload))] + _sets(primary_set)}
     extra = [{"name": f"deftune fast{' nf4' if prec == 4 else ''} {label}", "precision": prec,
               "cmd": dt + ["--fast", "1", "--quantize", "nf4" if prec == 4 else "none", "--offload",
-                           str(int(offload))] + _sets(kvs)}
+                           str(int(offload))] + _sets([kv for kv in kvs if not kv.startswith("env:")]),
+              "env": dict(kv[len("env:"):].split("=", 1) for kv in kvs if kv.startswith("env:"))}
              for prec in (16, 4) for label, kvs in variants]
     plan = [
         fast16,
@@ -294,9 +296,11 @@ def main() -> int:
             t0 = time.time()
             print(f"[{time.time() - t_start:6.0f}s] {spec['name']} ...", flush=True)
             stem = spec["name"].replace(" ", "_").replace("(", "").replace(")", "")
-            row_env = env
+            row_env = {**env, **spec.get("env", {})}
+            if spec.get("env"):
+                row["env"] = spec["env"]
             if a.profile:
-                row_env = {**env, "BENCH_PROFILE_OUT": str(logs / f"profile_{stem}.json")}
+                row_env = {**row_env, "BENCH_PROFILE_OUT": str(logs / f"profile_{stem}.json")}
             res, text, rc, timed_out = run_one(cmd, min(a.row_timeout_s, left), row_env)
             row["wall_s"] = round(time.time() - t0, 1)
             (logs / (stem + ".log")).write_text(text)

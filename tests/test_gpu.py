@@ -63,3 +63,55 @@ def test_nf4_double_dequantize_kernels_at_an_8b_mlp_shape(variant):
                                        w.numel(), torch.bfloat16, ABSMAX_BLOCK_SIZE, variant=variant)
     torch.testing.assert_close(got.float(), want.float(), atol=0.0, rtol=2**-7)
     assert (got != want).float().mean() < 1e-3  # an FMA moves a rare rounding, not the kernel's result
+
+
+def test_fast_launches_replay_every_kernel_exactly_on_cuda(monkeypatch):
+    """deftune.kernels._launch on the card: with cached launches on, the second call of each kernel (the
+    replayed launch) gives bit for bit what the first (ordinary) launch gave, forward and backward; the
+    launcher really replays (no fallback warning, launchers cached)."""
+    import warnings
+
+    from deftune.kernels import _launch, _nf4_triton, _rmsnorm_triton, _swiglu_triton
+    from deftune.kernels.linear_ce import linear_cross_entropy
+    from deftune.kernels.rmsnorm import rms_norm
+    from deftune.kernels.rope import rope_qk
+    from deftune.kernels.swiglu import swiglu
+    from deftune.models.quantize import ABSMAX_BLOCK_SIZE, quantize_nf4
+
+    monkeypatch.setattr(_launch, "_ENABLED", [True])
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(3, 37, 256, device=dev, dtype=bf16, requires_grad=True)
+    w = torch.rand(256, device=dev, dtype=bf16)
+    q = torch.randn(2, 8, 37, 64, device=dev, dtype=bf16, requires_grad=True)
+    k = torch.randn(2, 2, 37, 64, device=dev, dtype=bf16, requires_grad=True)
+    cos, sin = torch.rand(1, 37, 64, device=dev, dtype=bf16), torch.rand(1, 37, 64, device=dev, dtype=bf16)
+    g = torch.randn(3, 37, 512, device=dev, dtype=bf16, requires_grad=True)
+    u = torch.randn(3, 37, 512, device=dev, dtype=bf16, requires_grad=True)
+    h = torch.randn(111, 256, device=dev, dtype=bf16, requires_grad=True)
+    head = 0.02 * torch.randn(1000, 256, device=dev, dtype=bf16)
+    target = torch.randint(0, 1000, (111,), device=dev)
+    nf4 = quantize_nf4(0.02 * torch.randn(512, 256, device=dev))
+    nf4_args = (nf4["packed_codes"], nf4["absmax_codes"], nf4["absmax_scale"], nf4["absmax_mean"], 512 * 256,
+                bf16, ABSMAX_BLOCK_SIZE)
+
+    def once():
+        for t in (x, q, k, g, u, h):
+            t.grad = None
+        out = [rms_norm(x, w, 1e-5)]
+        out += list(rope_qk(q, k, cos, sin))
+        out.append(swiglu(g, u))
+        out.append(linear_cross_entropy(h, head, target, reduction="sum"))
+        sum(o.float().sum() for o in out).backward()
+        out += [t.grad.clone() for t in (x, q, k, g, u, h)]
+        out += [_nf4_triton.dequantize_nf4_double_triton(*nf4_args, variant=v) for v in ("flat", "rows")]
+        return [o.detach().clone() for o in out]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a launcher fallback would warn
+        first, second = once(), once()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert _launch._ENABLED[0]
+    assert any(callable(v) for v in _rmsnorm_triton._rms_norm_fwd.launchers.values())
+    assert any(callable(v) for v in _swiglu_triton._swiglu_bwd.launchers.values())

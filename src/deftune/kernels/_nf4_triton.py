@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deftune.kernels._launch import fast_launch
 from deftune.kernels.nf4 import BLOCK_SIZE, nf4_code_book
 
 _BYTES_PER_PROGRAM = 1024
@@ -31,6 +32,7 @@ def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr):
         tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr, code_book_ptr, out_ptr, numel,
                            BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr, DOUBLE: tl.constexpr,
@@ -56,6 +58,7 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr
     _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16)
 
 
+@fast_launch
 @triton.jit
 def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr, pair_lut_ptr, out_ptr, numel,
                                        n_blocks, ROWS: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
