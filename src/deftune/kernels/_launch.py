@@ -41,7 +41,8 @@ def _arg_key(value):
     if isinstance(value, bool):
         return ("b", value)
     if isinstance(value, int):
-        return ("i", value == 1, value % 16 == 0, _INT32[0] <= value < _INT32[1])
+        # Triton types an int by its range (i32, i64, u64) and compiles 1 and multiples of 16 in.
+        return ("i", value == 1, value % 16 == 0, _INT32[0] <= value < _INT32[1], value >= 2**63)
     if isinstance(value, float):
         return ("f",)
     return ("c", value)  # None and other constants are compiled in
