@@ -23,7 +23,7 @@ import torch
 from deftune.kernels import use_triton
 
 __all__ = ["NF4_CODE_VALUES", "BLOCK_SIZE", "nf4_code_book", "pack_nibbles", "unpack_nibbles",
-           "dequantize_nf4", "dequantize_nf4_double", "dequantize_nf4_reference"]
+           "absmax_from_codes", "dequantize_nf4", "dequantize_nf4_double", "dequantize_nf4_reference"]
 
 # NF4 code book, the table in the QLoRA paper's Appendix E. Construction (Sec. 3 of the paper): the
 # quantiles of N(0, 1) at 8 evenly spaced probabilities from delta = 0.9677083 (= (1/2)(1/32 + 1/30)
@@ -93,6 +93,13 @@ def dequantize_nf4_double(packed: torch.Tensor, absmax_codes: torch.Tensor, absm
 
         return dequantize_nf4_double_triton(packed, absmax_codes, absmax_scale, absmax_mean, numel, dtype,
                                             absmax_block)
-    step = (absmax_scale.float() / 127).repeat_interleave(absmax_block)[: absmax_codes.numel()]
-    absmax = absmax_codes.float() * step + absmax_mean.float()
+    absmax = absmax_from_codes(absmax_codes, absmax_scale, absmax_mean, absmax_block)
     return dequantize_nf4_reference(packed, absmax, numel, dtype)
+
+
+def absmax_from_codes(codes: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                      absmax_block: int = 256) -> torch.Tensor:
+    """``c'_b = k_b d_{b // absmax_block} / 127 + m`` in float32: the double quantization of the absmax
+    undone in PyTorch (the reference the kernels are compared with)."""
+    step = (scale.float() / 127).repeat_interleave(absmax_block)[: codes.numel()]
+    return codes.float() * step + mean.float()

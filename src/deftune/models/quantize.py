@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deftune.kernels.nf4 import BLOCK_SIZE, NF4_CODE_VALUES, dequantize_nf4_double, pack_nibbles
+from deftune.kernels.nf4 import BLOCK_SIZE, NF4_CODE_VALUES, absmax_from_codes, dequantize_nf4_double, pack_nibbles
 from deftune.models.patch import replace_module
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def dequantize_absmax(codes: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``c'_b = k_b d_{b // 256} / 127 + m`` in float32 (shared by every dequantization path)."""
-    step = (scale.float() / 127).repeat_interleave(ABSMAX_BLOCK_SIZE)[: codes.numel()]
-    return codes.float() * step + mean.float()
+    return absmax_from_codes(codes, scale, mean, ABSMAX_BLOCK_SIZE)
 
 
 @torch.no_grad()
