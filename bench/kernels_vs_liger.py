@@ -226,7 +226,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kernels_vs_liger.py needs a CUDA GPU")
     import transformers
-
     from _bench_common import versions as bench_versions
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}

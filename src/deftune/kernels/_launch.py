@@ -126,7 +126,8 @@ def _launch_hooks():
     except (ImportError, AttributeError):
         from triton.compiler.compiler import CompiledKernel
 
-        hooks = (getattr(CompiledKernel, "launch_enter_hook", None), getattr(CompiledKernel, "launch_exit_hook", None))
+        hooks = (getattr(CompiledKernel, "launch_enter_hook", None),
+                 getattr(CompiledKernel, "launch_exit_hook", None))
     # Newer Triton keeps a chain of hooks (empty unless a profiler registered one) instead of None.
     if all(h is None or not getattr(h, "calls", True) for h in hooks):
         return None, None

@@ -34,9 +34,9 @@ def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr):
 
 @fast_launch
 @triton.jit
-def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr, code_book_ptr, out_ptr, numel,
-                           BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr, DOUBLE: tl.constexpr,
-                           OUT_BF16: tl.constexpr):
+def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr, code_book_ptr, out_ptr,
+                           numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+                           DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr):
     # DOUBLE: the block's absmax is rebuilt from its int8 code, k * step + m (codes/step/mean); otherwise
     # read from absmax_ptr (float32).
     byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -60,9 +60,9 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr
 
 @fast_launch
 @triton.jit
-def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr, pair_lut_ptr, out_ptr, numel,
-                                       n_blocks, ROWS: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
-                                       OUT_BF16: tl.constexpr):
+def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr, pair_lut_ptr, out_ptr,
+                                       numel, n_blocks, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
+                                       ABLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
     # A program is ROWS quantization blocks laid out as [ROWS, QBLOCK / 2] bytes: each block's absmax is
     # loaded once and broadcast along its row (not once per element), and one 64-bit gather from a 256-entry
     # table gives both nibbles' code values of a byte (not two gathers from the 16-entry book).

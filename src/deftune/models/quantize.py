@@ -30,7 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deftune.kernels.nf4 import BLOCK_SIZE, NF4_CODE_VALUES, absmax_from_codes, dequantize_nf4_double, pack_nibbles
+from deftune.kernels.nf4 import (
+    BLOCK_SIZE,
+    NF4_CODE_VALUES,
+    absmax_from_codes,
+    dequantize_nf4_double,
+    pack_nibbles,
+)
 from deftune.models.patch import replace_module
 
 log = logging.getLogger(__name__)
