@@ -182,9 +182,9 @@ class NF4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """dequant(W) = NF4[q] * c', shape [out, in], in ``compute_dtype``."""
-        flat = dequantize_nf4_double(self.packed_codes, self.absmax_codes, self.absmax_scale, self.absmax_mean,
-                                     self.in_features * self.out_features, self.compute_dtype,
-                                     ABSMAX_BLOCK_SIZE)
+        flat = dequantize_nf4_double(self.packed_codes, self.absmax_codes, self.absmax_scale,
+                                     self.absmax_mean, self.in_features * self.out_features,
+                                     self.compute_dtype, ABSMAX_BLOCK_SIZE)
         return flat.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
