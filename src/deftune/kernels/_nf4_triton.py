@@ -34,11 +34,11 @@ def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr):
 
 @fast_launch
 @triton.jit
-def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr, code_book_ptr, out_ptr,
+def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
                            numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
                            DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr):
-    # DOUBLE: the block's absmax is rebuilt from its int8 code, k * step + m (codes/step/mean); otherwise
-    # read from absmax_ptr (float32).
+    # DOUBLE: the block's absmax is rebuilt from its int8 code, k * (d / 127) + m (codes/scale/mean);
+    # otherwise read from absmax_ptr (float32). div_rn: the IEEE division PyTorch's reference does.
     byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     first = 2 * byte  # index of the element in the byte's high nibble
     in_range = first < numel
@@ -49,7 +49,7 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr
     block = first // QBLOCK
     if DOUBLE:
         k = tl.load(codes_ptr + block, mask=in_range, other=0).to(tl.float32)
-        step = tl.load(step_ptr + block // ABLOCK, mask=in_range, other=0.0)
+        step = tl.math.div_rn(tl.load(scale_ptr + block // ABLOCK, mask=in_range, other=0.0), 127.0)
         scale = k * step + tl.load(mean_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
@@ -60,7 +60,7 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, step_ptr, mean_ptr
 
 @fast_launch
 @triton.jit
-def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr, pair_lut_ptr, out_ptr,
+def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, scale_ptr, mean_ptr, pair_lut_ptr, out_ptr,
                                        numel, n_blocks, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
                                        ABLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
     # A program is ROWS quantization blocks laid out as [ROWS, QBLOCK / 2] bytes: each block's absmax is
@@ -77,7 +77,7 @@ def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, step_ptr, mean_ptr
     high = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     low = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     k = tl.load(codes_ptr + row, mask=row_ok, other=0).to(tl.float32)
-    step = tl.load(step_ptr + row // ABLOCK, mask=row_ok, other=0.0)
+    step = tl.math.div_rn(tl.load(scale_ptr + row // ABLOCK, mask=row_ok, other=0.0), 127.0)
     scale = (k * step + tl.load(mean_ptr))[:, None]
     values = tl.interleave(high * scale, low * scale)
     offsets = tl.interleave(first, first + 1)
@@ -101,29 +101,29 @@ _ROWS_PER_PROGRAM = 32  # 32 blocks x 32 bytes: the same 1 KiB of codes per prog
 def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
                                  absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
                                  absmax_block: int, variant: str | None = None) -> torch.Tensor:
-    """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch + one tiny division);
+    """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch);
     ``variant``: "flat" or "rows" (default :data:`DOUBLE_KERNEL`)."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     if numel == 0:
         return out
-    # step = d / 127 on the host side of the kernel (1/16384 of the weight): the same float32 division as
-    # the reference, so the kernel's only rounding difference can be an FMA in k * step + m.
-    step = absmax_scale.float() / 127
+    # d / 127 is divided in the kernel with IEEE rounding (div_rn), as the reference divides, so the
+    # kernel's only possible rounding difference is an FMA in k * step + m.
+    scale = absmax_scale.float()
     is_bf16 = dtype == torch.bfloat16
     out_view = out.view(torch.int16) if is_bf16 else out
     if (variant or DOUBLE_KERNEL) == "rows":
         n_blocks = -(-numel // BLOCK_SIZE)
         _nf4_dequantize_double_rows_kernel[(triton.cdiv(n_blocks, _ROWS_PER_PROGRAM),)](
-            packed, absmax_codes, step, absmax_mean.float(), _nf4_pair_table(packed.device), out_view, numel,
+            packed, absmax_codes, scale, absmax_mean.float(), _nf4_pair_table(packed.device), out_view, numel,
             n_blocks, ROWS=_ROWS_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, OUT_BF16=is_bf16,
         )
         return out
     grid = (triton.cdiv((numel + 1) // 2, _BYTES_PER_PROGRAM),)
     _nf4_dequantize_kernel[grid](
-        packed, step, absmax_codes, step, absmax_mean.float(), nf4_code_book(packed.device), out_view, numel,
-        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True, OUT_BF16=is_bf16,
+        packed, scale, absmax_codes, scale, absmax_mean.float(), nf4_code_book(packed.device), out_view,
+        numel, BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True, OUT_BF16=is_bf16,
     )
     return out
 
