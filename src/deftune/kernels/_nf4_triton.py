@@ -123,7 +123,8 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
     grid = (triton.cdiv((numel + 1) // 2, _BYTES_PER_PROGRAM),)
     _nf4_dequantize_kernel[grid](
         packed, scale, absmax_codes, scale, absmax_mean.float(), nf4_code_book(packed.device), out_view,
-        numel, BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True, OUT_BF16=is_bf16,
+        numel, BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True,
+        OUT_BF16=is_bf16,
     )
     return out
 
