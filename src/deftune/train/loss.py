@@ -36,22 +36,36 @@ def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]
     """Sum of token cross-entropies over labelled positions, and how many there were."""
     backbone = decoder_backbone(model)
     hidden = backbone(**backbone_inputs(batch), use_cache=False).last_hidden_state
-    # Position t predicts token t+1; packed rows label every sample's first token -100, so the shift
-    # never asks a sample to predict its neighbour's first token.
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    picked = hidden[:, :-1][keep]
+    labels = batch["labels"]
+    target_at, hidden_at = labelled_positions(labels)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_at)
+    targets = labels.reshape(-1).index_select(0, target_at)
     if getattr(model, "_deftune_fast", False):
         # model.fast: the head and the loss fused (deftune.kernels.linear_ce), no logits matrix kept.
         from deftune.kernels.patch import fast_loss_sum
 
-        loss = fast_loss_sum(model, picked, targets[keep])
+        loss = fast_loss_sum(model, picked, targets)
         if loss is not None:
             # The count from the selection's shape: int(keep.sum()) would wait on the GPU a second time.
             return loss, picked.shape[0]
     logits = logits_from_hidden(model, picked).float()
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    loss = F.cross_entropy(logits, targets, reduction="sum")
     return loss, picked.shape[0]
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (into ``labels.reshape(-1)``) of the labelled tokens a position predicts, and of the
+    positions predicting them (one before each).
+
+    Position t predicts token t+1, so a row's first token is never a target; packed rows label every
+    sample's first token -100, so no sample is asked to predict its neighbour's first token. One
+    ``nonzero`` (the GPU waits once) and index_select afterwards: boolean-mask indexing of the hidden
+    states and of the targets would wait twice in forward and once more in backward (its index_put).
+    """
+    valid = labels != IGNORE_INDEX
+    valid[:, 0] = False
+    target_at = valid.reshape(-1).nonzero().squeeze(1)
+    return target_at, target_at - 1
 
 
 def count_label_tokens(batch: dict) -> int:
