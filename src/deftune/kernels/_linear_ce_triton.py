@@ -20,7 +20,10 @@ from deftune.kernels._launch import fast_launch
 
 IGNORE_INDEX = -100
 _IGNORE_INDEX = tl.constexpr(IGNORE_INDEX)  # compiled kernels may read only constexpr globals
-_CHUNK_BYTES = 256 * 2**20  # default budget for one chunk's logits: small next to an 8B model's weights
+# Default budget for one chunk's logits. The loss is where a LoRA step's memory peaks (every layer kept
+# for backward is alive), so the chunk adds straight to the peak: 128 MiB is 523 rows of a 128k
+# vocabulary in bf16, still a GEMM that fills an H200 (measured: bench/results/gpu_peers_llama-1b.json).
+_CHUNK_BYTES = 128 * 2**20
 
 
 @triton.jit

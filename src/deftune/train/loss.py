@@ -39,6 +39,9 @@ def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]
     labels = batch["labels"]
     target_at, hidden_at = labelled_positions(labels)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_at)
+    # The backward needs neither (index_select keeps only the index; the final RMSNorm keeps its input):
+    # freed now, it is not held through the head and the loss, where a step's memory peaks.
+    del hidden
     targets = labels.reshape(-1).index_select(0, target_at)
     if getattr(model, "_deftune_fast", False):
         # model.fast: the head and the loss fused (deftune.kernels.linear_ce), no logits matrix kept.
