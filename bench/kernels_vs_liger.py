@@ -191,8 +191,7 @@ def nf4_race(shape: dict, dev: str = "cuda", race_fn=None) -> dict:
     args = (layer.packed_codes, layer.absmax_codes, layer.absmax_scale, layer.absmax_mean,
             w.numel(), bf16, ABSMAX_BLOCK_SIZE)
     candidates = {
-        "deftune": lambda: _nf4_triton.dequantize_nf4_double_triton(*args, variant="flat"),
-        "deftune rows": lambda: _nf4_triton.dequantize_nf4_double_triton(*args, variant="rows"),
+        "deftune": lambda: _nf4_triton.dequantize_nf4_double_triton(*args),
     }
     try:
         import bitsandbytes.functional as bnbf

@@ -7,8 +7,6 @@ interleaved, so every byte of codes is read once and every output written once.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -58,51 +56,12 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_pt
     _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16)
 
 
-@fast_launch
-@triton.jit
-def _nf4_dequantize_double_rows_kernel(packed_ptr, codes_ptr, scale_ptr, mean_ptr, pair_lut_ptr, out_ptr,
-                                       numel, n_blocks, ROWS: tl.constexpr, QBLOCK: tl.constexpr,
-                                       ABLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
-    # A program is ROWS quantization blocks laid out as [ROWS, QBLOCK / 2] bytes: each block's absmax is
-    # loaded once and broadcast along its row (not once per element), and one 64-bit gather from a 256-entry
-    # table gives both nibbles' code values of a byte (not two gathers from the 16-entry book).
-    HALF: tl.constexpr = QBLOCK // 2
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = row < n_blocks
-    byte = row[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    first = 2 * byte
-    in_range = first < numel
-    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    pair = tl.load(pair_lut_ptr + packed)
-    high = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    low = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    k = tl.load(codes_ptr + row, mask=row_ok, other=0).to(tl.float32)
-    step = tl.math.div_rn(tl.load(scale_ptr + row // ABLOCK, mask=row_ok, other=0.0), 127.0)
-    scale = (k * step + tl.load(mean_ptr))[:, None]
-    values = tl.interleave(high * scale, low * scale)
-    offsets = tl.interleave(first, first + 1)
-    _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16)
-
-
-@functools.lru_cache(maxsize=8)
-def _nf4_pair_table(device) -> torch.Tensor:
-    """256 int64 entries: for byte b, the float32 bits of NF4[b >> 4] (low word) and NF4[b & 15] (high)."""
-    bits = nf4_code_book("cpu").view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    b = torch.arange(256)
-    return (bits[b >> 4] | (bits[b & 15] << 32)).to(device)
-
-
-# Which double-quantized kernel runs: "flat" (one gather per nibble, absmax per element) or "rows" (absmax
-# per block row, one 64-bit table gather per byte). bench/kernels_vs_liger.py races both on the GPU.
-DOUBLE_KERNEL = "flat"
-_ROWS_PER_PROGRAM = 32  # 32 blocks x 32 bytes: the same 1 KiB of codes per program as the flat kernel
-
-
 def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
                                  absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
-                                 absmax_block: int, variant: str | None = None) -> torch.Tensor:
-    """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch);
-    ``variant``: "flat" or "rows" (default :data:`DOUBLE_KERNEL`)."""
+                                 absmax_block: int) -> torch.Tensor:
+    """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch). (A layout with the
+    absmax loaded once per block row and one 64-bit table gather per byte measured 5-7x slower on an
+    H200, bench/results/kernels_vs_liger_9b78004.json, and was dropped.)"""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
@@ -113,13 +72,6 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
     scale = absmax_scale.float()
     is_bf16 = dtype == torch.bfloat16
     out_view = out.view(torch.int16) if is_bf16 else out
-    if (variant or DOUBLE_KERNEL) == "rows":
-        n_blocks = -(-numel // BLOCK_SIZE)
-        _nf4_dequantize_double_rows_kernel[(triton.cdiv(n_blocks, _ROWS_PER_PROGRAM),)](
-            packed, absmax_codes, scale, absmax_mean.float(), _nf4_pair_table(packed.device), out_view, numel,
-            n_blocks, ROWS=_ROWS_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, OUT_BF16=is_bf16,
-        )
-        return out
     grid = (triton.cdiv((numel + 1) // 2, _BYTES_PER_PROGRAM),)
     _nf4_dequantize_kernel[grid](
         packed, scale, absmax_codes, scale, absmax_mean.float(), nf4_code_book(packed.device), out_view,
