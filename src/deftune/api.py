@@ -103,7 +103,8 @@ def prepare_model(recipe: Recipe, model: nn.Module, device: torch.device):
 
         t = recipe.train
         wrapped = enable_offloaded_checkpointing(model, device, keep_top=_checked_skip(recipe, num_layers(model)),
-                                                 mlp_layers=t.offload_mlp_layers, resident_layers=t.keep_mlp_layers)
+                                                 mlp_layers=t.offload_mlp_layers, resident_layers=t.keep_mlp_layers,
+                                                 keep_dequantized=t.reuse_dequantized)
         if t.offload_mlp_layers or t.keep_mlp_layers:
             print(f"offloaded checkpointing: {wrapped} layers; MLP gate/up outputs kept instead of recomputed in "
                   f"{t.offload_mlp_layers} (host memory) + {t.keep_mlp_layers} (GPU memory)")

@@ -228,6 +228,10 @@ class TrainConfig:
     # gate/up outputs in GPU memory instead of recomputing them (no PCIe traffic; holds 2 x tokens x
     # intermediate values per layer until its backward; 0 = off).
     keep_mlp_layers: int = 0
+    # With offload_activations, model.fast and model.quantize: nf4: a checkpointed layer's recompute keeps
+    # its projections' dequantized weights for the backward that follows it, instead of dequantizing them
+    # a third time there (holds one layer's weights in the compute dtype during its backward).
+    reuse_dequantized: bool = False
     # Long context: run each decoder MLP over tiles of this many tokens, each checkpointed, so only one
     # tile's MLP activations exist at a time (0 = off). Costs one more MLP forward per step.
     mlp_tile_tokens: int = 0
@@ -416,6 +420,11 @@ class Recipe:
                                    f"({', '.join(map(str, domains)) or 'none defined'}) nor a selection file")
         if self.method == "full" and self.adapter.ranks:
             raise DeftuneError("adapter.ranks (dynamic rank) applies to method lora, not full")
+        if self.train.reuse_dequantized and not (self.train.offload_activations and self.model.fast
+                                                 and self.model.quantize != "none"):
+            raise DeftuneError("train.reuse_dequantized keeps the weights a 4-bit layer's recompute "
+                               "dequantized for its backward: it needs train.offload_activations: true, "
+                               "model.fast: true and model.quantize: nf4")
         if self.model.quantize != "none" and self.method not in ("lora", "expert-lora"):
             # A 4-bit weight has no gradient to follow: quantized bases are frozen (QLoRA trains adapters).
             raise DeftuneError(f"model.quantize={self.model.quantize} freezes the base weights in 4 bits; "

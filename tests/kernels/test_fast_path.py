@@ -798,3 +798,60 @@ def test_fast_path_under_autocast_with_a_float32_base():
         assert grads_f[name].dtype == torch.float32
         rel = float((grads_f[name] - want).norm() / want.norm().clamp_min(1e-12))
         assert rel < 0.1, (name, rel)
+
+
+# --- train.reuse_dequantized: a 4-bit layer's recompute hands its dequantized weights to its backward ------
+
+
+def _nf4_lora_model():
+    from deftune.models.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config("llama"))
+    quantize_model(model)
+    attach_lora(model, "all-linear", "all", rank=4, alpha=8)
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_B.weight, std=0.1)
+    apply_fast_path(model, log=lambda _: None)
+    return model.to(DEVICE).train()
+
+
+def test_reuse_dequantized_skips_the_backward_dequantization_after_a_recompute(monkeypatch):
+    """With keep_dequantized, each projection a recompute ran (q, k, v, o, gate, up; not down, which the
+    recompute never reaches) is not dequantized again in backward; layer 0's q/k/v need no dx (the
+    embedding is frozen), so their kept weights are dropped unused. Loss and gradients are unchanged and
+    nothing stays kept after the step."""
+    from deftune.kernels import lora_linear as ll
+    from deftune.models.quantize import NF4Linear
+
+    calls = []
+    real = NF4Linear.dequantize
+    monkeypatch.setattr(NF4Linear, "dequantize", lambda self: calls.append(1) or real(self))
+    batch = _batch()
+    counts, results = {}, {}
+    for keep in (False, True):
+        model = _nf4_lora_model()
+        assert offload.wrap_decoder_layers(model, keep_dequantized=keep) == 2
+        calls.clear()
+        results[keep] = _loss_and_grads(model, batch)
+        counts[keep] = len(calls)
+        assert len(ll._KEPT_WEIGHTS) == 0
+    # forward 2 x 7, recompute 2 x 6, backward 2 x 7 minus layer 0's q/k/v (no dx wanted there)
+    assert counts[False] == 14 + 12 + 11
+    assert counts[True] == counts[False] - 6 - 3
+    assert results[True][0] == results[False][0]
+    for name, grad in results[False][2].items():
+        assert torch.equal(results[True][2][name], grad), name
+
+
+def test_reuse_dequantized_is_checked():
+    from deftune.config import recipe_from_dict
+
+    with pytest.raises(DeftuneError, match="train.reuse_dequantized"):
+        recipe_from_dict({"train": {"reuse_dequantized": True, "offload_activations": True},
+                          "model": {"fast": True}})
+    with pytest.raises(DeftuneError, match="train.reuse_dequantized"):
+        recipe_from_dict({"train": {"reuse_dequantized": True}, "model": {"fast": True, "quantize": "nf4"}})
+    recipe = recipe_from_dict({"train": {"reuse_dequantized": True, "offload_activations": True},
+                               "model": {"fast": True, "quantize": "nf4"}})
+    assert recipe.train.reuse_dequantized

@@ -15,7 +15,8 @@ from them, never forming an [out, in] matrix:
 
 Everything is computed in W0's dtype (bf16 on a GPU), and dA, dB are returned in A's and B's dtype
 (float32 master weights). A base that stores its weight quantized exposes ``dequantize()`` (4-bit NF4):
-W0 is dequantized in forward and again in backward, so the full-precision copy is never kept alive.
+W0 is dequantized in forward and again in backward, so the full-precision copy is never kept alive
+between the two (``train.reuse_dequantized`` keeps it from a recompute to the backward right after it).
 The adapter term and the base GEMM are separate Functions (the GEMM saves nothing and runs last), so a
 checkpointed layer's recompute stops before its final GEMM, and a recompute may be handed the GEMM's output
 instead of running it (:func:`lora_linear_given`). Projections that read the same x share one adapter
@@ -28,22 +29,47 @@ Only valid without LoRA dropout (dropout would need its mask saved); the patch l
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from deftune.kernels.offload import recomputing
 from deftune.kernels.swiglu import swiglu_backward_with_values_, swiglu_values
 
 __all__ = ["base_weight", "compute_dtype", "lora_group", "lora_linear", "lora_linear_given", "run_dtype",
            "swiglu_lora_linear"]
 
 
+# 4-bit bases of offloaded layers under ``train.reuse_dequantized``: the weight dequantized for a layer's
+# recompute, kept until that layer's backward (which follows at once) instead of dequantized again there.
+# Of the three dequantizations per projection and step (forward, recompute, backward) one goes; the price
+# is one layer's recomputed projections in the compute dtype, held through that layer's backward only.
+_KEPT_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def base_weight(base: nn.Module) -> torch.Tensor:
     """W0 [out, in] of a frozen base layer: ``dequantize()`` when it stores a quantized weight."""
     if hasattr(base, "dequantize"):
-        return base.dequantize()
+        weight = base.dequantize()
+        if getattr(base, "_deftune_keep_dequantized", False) and recomputing():
+            _KEPT_WEIGHTS[base] = weight
+        return weight
     return base.weight
+
+
+def backward_weight(base: nn.Module) -> torch.Tensor:
+    """W0 for a backward: the copy its recompute kept (handed over once), else :func:`base_weight`."""
+    kept = _KEPT_WEIGHTS.pop(base, None)
+    return kept if kept is not None else base_weight(base)
+
+
+def _drop_kept(*bases: nn.Module) -> None:
+    """A backward that did not need W0 (no dx wanted) still releases what its recompute kept."""
+    for base in bases:
+        _KEPT_WEIGHTS.pop(base, None)
 
 
 def compute_dtype(base: nn.Module) -> torch.dtype:
@@ -171,13 +197,14 @@ class LoRADeltaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dU A first (rank-r GEMM), then dy W0 accumulated onto it in place (the big GEMM's epilogue
             # reads and writes the same buffer: one [.., in] tensor instead of two).
-            dx = (du @ _cast(lora_a, dtype)).addmm_(dy2, base_weight(ctx.base).to(dtype))
+            dx = (du @ _cast(lora_a, dtype)).addmm_(dy2, backward_weight(ctx.base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             da = (du.t() @ x2).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
             db = ((dy2.t() @ u) * s).to(lora_b.dtype)
         _forget(lora_a, lora_b)
+        _drop_kept(ctx.base)
         return dx, da, db, None, None, None
 
 
@@ -290,11 +317,12 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
             dx = du @ _cast_cat(lora_as, dtype)
             for dy, base in zip(dys, ctx.bases):
                 if dy is not None:
-                    dx.addmm_(dy.to(dtype), base_weight(base).to(dtype))
+                    dx.addmm_(dy.to(dtype), backward_weight(base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
         das = list((du.t() @ x2).split([a.shape[0] for a in lora_as], 0))
         das = [d.to(a.dtype) for d, a in zip(das, lora_as)]
         _forget(*factors)
+        _drop_kept(*ctx.bases)
         return (dx, None, None, None, *das, *dbs)
 
 
@@ -349,6 +377,7 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy2, _dh2_unused):
         if dy2 is None:  # grads are not materialized: nothing reached the adapter's output
+            _drop_kept(ctx.base)
             return None, None, None, None, None, None, None
         gate, up, hu = ctx.saved_tensors
         lora_a, lora_b = ctx.factors
@@ -359,7 +388,7 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
         db = ((dy2.t() @ hu) * s).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
         width = gate.shape[-1]
         g2, u2 = gate.contiguous().reshape(-1, width), up.contiguous().reshape(-1, width)
-        w0, a = base_weight(ctx.base).to(dtype), _cast(lora_a, dtype)
+        w0, a = backward_weight(ctx.base).to(dtype), _cast(lora_a, dtype)
         da = None
         # Row blocks: dh = dU A + dy W0 exists one block at a time; one kernel then writes the block's dg,
         # du over g and u and h = silu(g) u over dh (h is what dA = dU^T h needs), so the MLP's backward

@@ -45,11 +45,17 @@ __all__ = ["MlpStash", "OffloadedTensor", "current_mlp_stash", "enable_offloaded
 # more would hold that much more GPU memory while the PCIe link catches up).
 MAX_PENDING_COPIES = 2
 _STASH: contextvars.ContextVar[MlpStash | None] = contextvars.ContextVar("deftune_mlp_stash", default=None)
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("deftune_recomputing", default=False)
 
 
 def current_mlp_stash() -> MlpStash | None:
     """The stash of the layer whose checkpointed forward is running now (None outside one)."""
     return _STASH.get()
+
+
+def recomputing() -> bool:
+    """True while an offloaded layer is being recomputed in backward (not in its first forward)."""
+    return _RECOMPUTING.get()
 
 
 class OffloadedTensor:
@@ -182,13 +188,14 @@ def offloaded_checkpoint(fn, hidden: torch.Tensor, *args, stream=None, prev=None
         # First forward: the real input (its autograd edge). Recompute in backward: the restored copy.
         first = live[0] is not None
         h = live[0] if first else box.restore()
-        if stash is None:
-            return fn(h, *a, **kw)
-        stash.start(recording=first)
+        if stash is not None:
+            stash.start(recording=first)
         token = _STASH.set(stash)
+        again = _RECOMPUTING.set(not first)
         try:  # also left by torch's early-stop exception, which ends the recompute after the last save
             return fn(h, *a, **kw)
         finally:
+            _RECOMPUTING.reset(again)
             _STASH.reset(token)
 
     # The empty marker only tells checkpoint which device's RNG state to stash; passing `hidden` itself
@@ -216,11 +223,14 @@ def spread(n: int, total: int) -> list[int]:
     return sorted({int((k + 0.5) * total / n) for k in range(n)}) if n else []
 
 
-def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0, resident_layers: int = 0) -> int:
+def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0, resident_layers: int = 0,
+                        keep_dequantized: bool = False) -> int:
     """Make every decoder layer but the ``keep_top`` nearest the output (those keep their activations:
     ``train.checkpoint_skip``) run through :func:`offloaded_checkpoint` in training; the top
     ``resident_layers`` of them keep their MLP gate/up outputs on the GPU and ``mlp_layers`` of the others
-    (spread evenly) in host memory (:class:`MlpStash`). Returns how many layers are checkpointed.
+    (spread evenly) in host memory (:class:`MlpStash`); with ``keep_dequantized`` their 4-bit projections
+    hand the weight dequantized for the recompute on to the backward (``train.reuse_dequantized``, see
+    :func:`deftune.kernels.lora_linear.base_weight`). Returns how many layers are checkpointed.
 
     No device check (CPU runs it with host copies, for tests); training uses
     :func:`enable_offloaded_checkpointing`.
@@ -248,6 +258,10 @@ def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0
             layer._deftune_mlp_stash.below = below
             below = layer._deftune_mlp_stash
         layer.forward = types.MethodType(_offloaded_layer_forward, layer)
+        if keep_dequantized:
+            for module in layer.modules():
+                if hasattr(module, "dequantize"):
+                    module._deftune_keep_dequantized = True
     return len(layers)
 
 
@@ -265,10 +279,11 @@ def _check_stashable(model: nn.Module, layers: list, mlp_layers: int, resident_l
 
 
 def enable_offloaded_checkpointing(model: nn.Module, device: torch.device, keep_top: int = 0,
-                                   mlp_layers: int = 0, resident_layers: int = 0) -> int:
+                                   mlp_layers: int = 0, resident_layers: int = 0,
+                                   keep_dequantized: bool = False) -> int:
     """``train.offload_activations``: checkpoint each decoder layer (but the top ``keep_top``) with its
     input in pinned CPU memory; ``train.offload_mlp_layers``: ``mlp_layers`` of them stash their MLP's
-    gate/up outputs too."""
+    gate/up outputs too; ``train.reuse_dequantized``: ``keep_dequantized``."""
     if torch.device(device).type != "cuda":
         raise DeftuneError("train.offload_activations needs a CUDA GPU")
-    return wrap_decoder_layers(model, keep_top, mlp_layers, resident_layers)
+    return wrap_decoder_layers(model, keep_top, mlp_layers, resident_layers, keep_dequantized)
