@@ -25,6 +25,9 @@ useful FLOPs per token = forward + activation-gradient backward, no recompute (e
 _bench_common.py's docstring).
 
 Targets (issue 6), per precision: deftune fast tokens/s >= 1.15 x Unsloth's AND deftune peak <= Unsloth's.
+``--rounds N`` runs the chosen rows N times, every other round in reverse order (a drift of the host over
+the call then weighs on both sides alike); the targets use each row's median tokens/s and largest peak
+over its rounds, and list the ratio of every round.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +100,14 @@ def row_plan(precisions: list[int], offload: bool, primary_set: tuple[str, ...] 
     return [r for r in plan if r["precision"] in precisions]
 
 
+def schedule(specs: list[dict], rounds: int) -> list[tuple[int, dict]]:
+    """(round, spec) in run order: round 1 as planned, round 2 reversed, round 3 as planned, ..."""
+    order = []
+    for k in range(1, rounds + 1):
+        order += [(k, spec) for spec in (specs if k % 2 else specs[::-1])]
+    return order
+
+
 _RUNNING: list[subprocess.Popen] = []
 
 
@@ -135,7 +147,39 @@ def tail(text: str, n: int = 2500) -> str:
     return "\n".join(lines)[-n:]
 
 
-def compute_targets(rows: list[dict], precisions: list[int]) -> dict:
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per name (first-seen order): over its rounds that ran ok, the median tokens/s, the largest
+    peak and every round's figures (``rounds_tok_s``); a name with no ok round keeps its first row."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(row)
+    out = []
+    for group in by_name.values():
+        ok = [r for r in group if r.get("status") == "ok"]
+        if not ok:
+            out.append(group[0])
+            continue
+        merged = dict(ok[0])
+        merged["tok_s"] = round(statistics.median(r["tok_s"] for r in ok), 1)
+        peaks = [r["peak_gib"] for r in ok if r.get("peak_gib") is not None]  # none on a CPU smoke run
+        merged["peak_gib"] = max(peaks) if peaks else None
+        if len(group) > 1:
+            merged["rounds_tok_s"] = [r.get("tok_s") for r in group]
+        out.append(merged)
+    return out
+
+
+def round_ratios(rows: list[dict], ours: str, peer: str) -> list[float]:
+    """ours / peer tokens/s within each round both ran ok in."""
+    by_round: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            by_round.setdefault(row.get("round", 1), {})[row["name"]] = row["tok_s"]
+    return [round(r[ours] / r[peer], 3) for _, r in sorted(by_round.items()) if ours in r and peer in r]
+
+
+def compute_targets(all_rows: list[dict], precisions: list[int]) -> dict:
+    rows = aggregate(all_rows)
     out = {}
     for prec in precisions:
         ours = next((r for r in rows if r["precision"] == prec and r.get("primary")), None)
@@ -158,6 +202,9 @@ def compute_targets(rows: list[dict], precisions: list[int]) -> dict:
                   and r.get("status") == "ok" and r["tok_s"] >= SPEED_TARGET * peer["tok_s"]
                   and r["peak_gib"] <= peer["peak_gib"]]
         out[key]["variants_meeting_both"] = others
+        if any(r.get("round", 1) > 1 for r in all_rows):
+            out[key]["tok_s_is"] = "median over rounds"
+            out[key]["round_ratios"] = round_ratios(all_rows, ours["name"], peer["name"])
     return out
 
 
@@ -188,6 +235,8 @@ def main() -> int:
                     help="recipe override of the primary deftune rows, e.g. train.offload_mlp_layers=8")
     ap.add_argument("--variants", default="",
                     help='extra deftune rows: "label:key=v,key=v;label2:..." (each in 16- and 4-bit)')
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the chosen rows this many times (every other round reversed); targets on medians")
     ap.add_argument("--profile", action="store_true",
                     help="after each row's timed steps, 2 steps under torch.profiler: GPU time by kernel "
                          "family in the row, every kernel in <out>_logs/profile_<row>.json")
@@ -279,11 +328,16 @@ def main() -> int:
     common = ["--model-dir", model_dir, "--shape", a.shape, "--bs", str(a.bs), "--seq", str(a.seq),
               "--steps", str(a.steps)]
     result["workload"]["deftune_primary_overrides"] = list(a.set)
-    for spec in row_plan(precisions, bool(a.offload), tuple(a.set), tuple(parse_variants(a.variants))):
-        if only and spec["name"] not in only:
-            continue
+    if a.rounds < 1:
+        print("--rounds must be >= 1", file=sys.stderr)
+        return 2
+    specs = [spec for spec in row_plan(precisions, bool(a.offload), tuple(a.set), tuple(parse_variants(a.variants)))
+             if not only or spec["name"] in only]
+    for round_no, spec in schedule(specs, a.rounds):
         row = {"name": spec["name"], "precision": spec["precision"]}
         row.update({k: True for k in ("primary", "peer") if spec.get(k)})
+        if a.rounds > 1:
+            row["round"] = round_no
         left = deadline - time.time()
         if a.device == "cpu" and spec.get("cuda_only"):
             row.update(status="skipped", error="needs CUDA")
@@ -296,6 +350,8 @@ def main() -> int:
             t0 = time.time()
             print(f"[{time.time() - t_start:6.0f}s] {spec['name']} ...", flush=True)
             stem = spec["name"].replace(" ", "_").replace("(", "").replace(")", "")
+            if a.rounds > 1:
+                stem += f"_round{round_no}"
             row_env = {**env, **spec.get("env", {})}
             if spec.get("env"):
                 row["env"] = spec["env"]
@@ -319,7 +375,7 @@ def main() -> int:
                 row["mfu_2x_fwd"] = round(flops["useful_2x_fwd"] * row["tok_s"] / ceiling, 4)
                 row["model_tflops"] = round(flops["useful"] * row["tok_s"] / 1e12, 1)
         result["rows"].append(row)
-        print(f"    {row['name']:<28} {row.get('status'):<12} tok/s {row.get('tok_s', '-'):>10}  "
+        print(f"    {row['name'] + (f' #{round_no}' if a.rounds > 1 else ''):<28} {row.get('status'):<12} tok/s {row.get('tok_s', '-'):>10}  "
               f"peak {row.get('peak_gib', '-')} GiB  mfu {row.get('mfu', '-')}  {row.get('error', '')[:200]}",
               flush=True)
         save()
@@ -334,7 +390,8 @@ def main() -> int:
             print(f"target {key}: {'MET' if t['met'] else 'NOT met'} -- speed {t['speed_ratio']}x Unsloth "
                   f"(need {SPEED_TARGET}x: {'yes' if t['speed_met'] else 'no'}), "
                   f"peak {t['deftune_peak_gib']} vs {t['peer_peak_gib']} GiB "
-                  f"({'yes' if t['memory_met'] else 'no'})")
+                  f"({'yes' if t['memory_met'] else 'no'})"
+                  + (f"; per round {t['round_ratios']}" if t.get("round_ratios") else ""))
     print(f"wrote {out}")
     return 0
 
