@@ -181,6 +181,38 @@ def _cprofile_step(step, x, top: int = 45) -> list:
              "calls": r[2]} for r in rows[:top]]
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_sites(events, n: int, top: int = 30) -> list[dict]:
+    """The matrix multiplies of ``n`` profiled steps grouped by (op, input shapes, enclosing op): device
+    time and calls per step and the kernel cuBLAS picked, so a kernel in the family table can be traced to
+    the line that launched it (e.g. a rank-16 GEMM that runs at a fraction of the card's bandwidth)."""
+    sites: dict[tuple, dict] = {}
+    for evt in events:
+        if evt.name not in GEMM_OPS:
+            continue
+        parent = getattr(evt, "cpu_parent", None)
+        while parent is not None and parent.name in GEMM_OPS + ("aten::matmul", "aten::linear"):
+            parent = getattr(parent, "cpu_parent", None)
+        key = (evt.name, str(getattr(evt, "input_shapes", ""))[:160], parent.name[:80] if parent else "")
+        site = sites.setdefault(key, {"op": key[0], "shapes": key[1], "inside": key[2], "calls_per_step": 0.0,
+                                      "device_ms_per_step": 0.0, "kernel": ""})
+        site["calls_per_step"] += 1 / n
+        dev_us = getattr(evt, "device_time_total", None)
+        if dev_us is None:  # torch before device_time_total
+            dev_us = getattr(evt, "cuda_time_total", 0)
+        site["device_ms_per_step"] += (dev_us or 0) / n / 1e3
+        kernels = getattr(evt, "kernels", None) or []
+        if kernels and not site["kernel"]:
+            site["kernel"] = kernels[0].name[:100]
+    out = sorted(sites.values(), key=lambda r: -r["device_ms_per_step"])[:top]
+    for site in out:
+        site["device_ms_per_step"] = round(site["device_ms_per_step"], 3)
+        site["calls_per_step"] = round(site["calls_per_step"], 2)
+    return out
+
+
 def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: int = 2,
                   device: str = "cuda") -> dict:
     """``n`` more steps under torch.profiler: GPU kernel time per step by kernel and by family
@@ -261,6 +293,7 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
             key = " <- ".join(chain) or "(no parent op)"
             callers[key] = callers.get(key, 0) + 1
         full["memcpy_callers"] = sorted(([k, c / n] for k, c in callers.items()), key=lambda r: -r[1])[:20]
+        full["gemm_sites"] = gemm_sites(prof.events(), n)
     if os.environ.get("BENCH_CPROFILE"):
         full["cprofile_top"] = _cprofile_step(step, xs[-1])
     with open(out_path, "w") as f:
