@@ -177,8 +177,9 @@ def ops_for(shape: dict) -> list[dict]:
 
 def nf4_race(shape: dict, dev: str = "cuda", race_fn=None) -> dict:
     """NF4 dequantization of one MLP weight [inter, hidden] to bf16 (QLoRA's per-use cost; no backward):
-    deftune's two Triton kernels, bitsandbytes' CUDA kernel (its own NF4 + double-quant format) and
-    torchao's NF4Tensor, so the 4-bit path is chosen by measurement. Each quantizes the same weight."""
+    deftune's Triton kernel (and a sweep of its launch shape), bitsandbytes' CUDA kernel (its own NF4 +
+    double-quant format) and torchao's NF4Tensor, so the 4-bit path is chosen by measurement. Each
+    quantizes the same weight."""
     from deftune.kernels import _nf4_triton
     from deftune.models.quantize import ABSMAX_BLOCK_SIZE, NF4Linear
 
@@ -193,6 +194,11 @@ def nf4_race(shape: dict, dev: str = "cuda", race_fn=None) -> dict:
     candidates = {
         "deftune": lambda: _nf4_triton.dequantize_nf4_double_triton(*args),
     }
+    # The kernel's launch shape (bytes per program x warps), swept: the default is one point of it.
+    for block in (512, 1024, 2048, 4096):
+        for warps in (2, 4, 8):
+            candidates[f"deftune b{block} w{warps}"] = (
+                lambda b=block, w=warps: _nf4_triton.dequantize_nf4_double_triton(*args, block=b, num_warps=w))
     try:
         import bitsandbytes.functional as bnbf
 
@@ -201,7 +207,10 @@ def nf4_race(shape: dict, dev: str = "cuda", race_fn=None) -> dict:
     except Exception as exc:
         candidates["bitsandbytes"] = _raiser(exc)
     try:
-        from torchao.dtypes.nf4tensor import to_nf4
+        try:  # torchao >= 0.18 moved NF4Tensor
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        except ImportError:
+            from torchao.dtypes.nf4tensor import to_nf4
 
         nf4 = to_nf4(w, 64, 256)
         candidates["torchao"] = lambda: nf4.get_original_weight()

@@ -855,3 +855,21 @@ def test_reuse_dequantized_is_checked():
     recipe = recipe_from_dict({"train": {"reuse_dequantized": True, "offload_activations": True},
                                "model": {"fast": True, "quantize": "nf4"}})
     assert recipe.train.reuse_dequantized
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reuse_dequantized_on_cuda():
+    """The same on the card (side-stream offload, Triton NF4 kernel): a step with the kept weights gives the
+    loss and gradients of a step without them, bit for bit."""
+    from deftune.kernels import lora_linear as ll
+
+    results = []
+    for keep in (False, True):
+        model = _nf4_lora_model()
+        assert offload.enable_offloaded_checkpointing(model, torch.device("cuda"), keep_dequantized=keep) == 2
+        results.append(_loss_and_grads(model, _batch()))
+        assert len(ll._KEPT_WEIGHTS) == 0
+    assert results[0][0] == results[1][0]
+    for name, grad in results[0][2].items():
+        assert torch.equal(results[1][2][name], grad), name

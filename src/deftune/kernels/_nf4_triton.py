@@ -11,21 +11,27 @@ import torch
 import triton
 import triton.language as tl
 
+from deftune.kernels import triton_interpreting
 from deftune.kernels._launch import fast_launch
 from deftune.kernels.nf4 import BLOCK_SIZE, nf4_code_book
 
 _BYTES_PER_PROGRAM = 1024
+_NUM_WARPS = 4  # Triton's default
 
 
 @triton.jit
-def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr):
-    if OUT_BF16:
+def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
+    # OUT_BF16: out_ptr is the bf16 output viewed as int16.
+    if OUT_BF16 and BY_HAND:
         # float32 -> bfloat16 by hand, round to nearest even on the bit pattern: the interpreter's own
         # cast truncates, and the tests compare these kernels with the reference bit for bit. (Finite
         # values only; NF4 * absmax is always finite.)
         bits = values.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         tl.store(out_ptr + offsets, (bits >> 16).to(tl.int16), mask=mask)
+    elif OUT_BF16:
+        # Compiled: the hardware conversion (round to nearest even, the same result in one instruction).
+        tl.store(out_ptr + offsets, values.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=mask)
     else:
         tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -34,7 +40,7 @@ def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr):
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
                            numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
-                           DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr):
+                           DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
     # DOUBLE: the block's absmax is rebuilt from its int8 code, k * (d / 127) + m (codes/scale/mean);
     # otherwise read from absmax_ptr (float32). div_rn: the IEEE division PyTorch's reference does.
     byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -53,15 +59,17 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_pt
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
     values = tl.interleave(high * scale, low * scale)
     offsets = tl.interleave(first, first + 1)
-    _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16)
+    _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16, BY_HAND)
 
 
 def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
                                  absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
-                                 absmax_block: int) -> torch.Tensor:
-    """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch). (A layout with the
-    absmax loaded once per block row and one 64-bit table gather per byte measured 5-7x slower on an
-    H200, bench/results/kernels_vs_liger_9b78004.json, and was dropped.)"""
+                                 absmax_block: int, block: int = 0, num_warps: int = 0) -> torch.Tensor:
+    """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch); ``block`` (bytes per
+    program) and ``num_warps`` default to :data:`_BYTES_PER_PROGRAM` / :data:`_NUM_WARPS`
+    (bench/kernels_vs_liger.py sweeps them). (A layout with the absmax loaded once per block row and one
+    64-bit table gather per byte measured 5-7x slower on an H200, bench/results/kernels_vs_liger_9b78004.json,
+    and was dropped.)"""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
@@ -72,11 +80,12 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
     scale = absmax_scale.float()
     is_bf16 = dtype == torch.bfloat16
     out_view = out.view(torch.int16) if is_bf16 else out
-    grid = (triton.cdiv((numel + 1) // 2, _BYTES_PER_PROGRAM),)
+    block = block or _BYTES_PER_PROGRAM
+    grid = (triton.cdiv((numel + 1) // 2, block),)
     _nf4_dequantize_kernel[grid](
         packed, scale, absmax_codes, scale, absmax_mean.float(), nf4_code_book(packed.device), out_view,
-        numel, BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True,
-        OUT_BF16=is_bf16,
+        numel, BLOCK=block, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True,
+        OUT_BF16=is_bf16, BY_HAND=triton_interpreting(), num_warps=num_warps or _NUM_WARPS,
     )
     return out
 
@@ -97,5 +106,6 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int
         packed.contiguous(), absmax, absmax, absmax, absmax, nf4_code_book(packed.device),
         out.view(torch.int16) if is_bf16 else out, numel,
         BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=1, DOUBLE=False, OUT_BF16=is_bf16,
+        BY_HAND=triton_interpreting(), num_warps=_NUM_WARPS,
     )
     return out
