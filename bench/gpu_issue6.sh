@@ -20,7 +20,7 @@
 set -uo pipefail
 OUTDIR=${1:?usage: bash bench/gpu_issue6.sh OUTDIR}
 PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), parity (bench/loss_parity.py), kernels (bench/kernels_vs_liger.py),
-# pcie (bench/pcie_bandwidth.py)
+# pcie (bench/pcie_bandwidth.py), t1b (the 1B targets, 2 rounds: B1=420 fits one call)
 # Extra gpu_peers arguments per shape (the environment cannot carry bash arrays): one string each,
 # split on '|', e.g. ARGS1='--only|deftune fast,unsloth|--variants|mlp8:train.offload_mlp_layers=8'
 IFS='|' read -r -a ARGS1 <<< "${ARGS1:-}"
@@ -77,7 +77,15 @@ for part in $PARTS; do
         --lengths 32768,65536,131072 --cap-gb 80 --mlp-tile "${MLP_TILE:-8192}" --extend-step 65536 --max-len 524288 --budget-s "$BL" \
         --out "$OUTDIR/long_context.json" 2>&1 | tee "$OUTDIR/long_context.log"; rc=${PIPESTATUS[0]}
       ;;
-    *) say "unknown part $part (known: gputests parity kernels pcie 1b 8b long)"; rc=2 ;;
+    t1b)
+      # The 1B targets, 2 rounds (bench/gpu_peers.py --rounds): the recipe that fits under Unsloth's peak.
+      say "gpu_peers llama-1b targets, 2 rounds (budget ${B1}s)"
+      timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
+        --budget-s "$B1" --rounds 2 --set train.checkpoint_skip=2 --set4 train.reuse_dequantized=true \
+        --only "deftune fast,unsloth,deftune fast nf4,unsloth 4bit" --out "$OUTDIR/gpu_peers_llama-1b.json" \
+        "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
+      ;;
+    *) say "unknown part $part (known: gputests parity kernels pcie 1b t1b 8b long)"; rc=2 ;;
   esac
   say "$part finished (exit $rc; 124 = hard timeout, the JSON keeps the rows done before it)"
 done

@@ -67,15 +67,17 @@ def parse_variants(text: str) -> list[tuple[str, list[str]]]:
 
 
 def row_plan(precisions: list[int], offload: bool, primary_set: tuple[str, ...] = (),
-             variants: tuple[tuple[str, list[str]], ...] = ()) -> list[dict]:
+             variants: tuple[tuple[str, list[str]], ...] = (), primary_set4: tuple[str, ...] = ()) -> list[dict]:
     """(name, precision, runner args) in the order they run: what the targets need first. ``primary_set``:
-    recipe overrides of the primary deftune rows; ``variants``: extra deftune fast rows (16-bit, then
-    nf4) with their own overrides, run right after the primary rows."""
+    recipe overrides of the primary deftune rows (``primary_set4``: more for the 4-bit one only);
+    ``variants``: extra deftune fast rows (16-bit, then nf4) with their own overrides, run right after the
+    primary rows."""
     dt = ["_deftune_step.py"]
     fast16 = {"name": "deftune fast", "precision": 16, "primary": True,
               "cmd": dt + ["--fast", "1", "--quantize", "none", "--offload", str(int(offload))] + _sets(primary_set)}
     fast4 = {"name": "deftune fast nf4", "precision": 4, "primary": True,
-             "cmd": dt + ["--fast", "1", "--quantize", "nf4", "--offload", str(int(offload))] + _sets(primary_set)}
+             "cmd": dt + ["--fast", "1", "--quantize", "nf4", "--offload", str(int(offload))]
+             + _sets(primary_set) + _sets(primary_set4)}
     extra = [{"name": f"deftune fast{' nf4' if prec == 4 else ''} {label}", "precision": prec,
               "cmd": dt + ["--fast", "1", "--quantize", "nf4" if prec == 4 else "none", "--offload",
                            str(int(offload))] + _sets([kv for kv in kvs if not kv.startswith("env:")]),
@@ -233,6 +235,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override of the primary deftune rows, e.g. train.offload_mlp_layers=8")
+    ap.add_argument("--set4", action="append", default=[], metavar="KEY=VALUE",
+                    help="more overrides of the primary 4-bit row only, e.g. train.reuse_dequantized=true")
     ap.add_argument("--variants", default="",
                     help='extra deftune rows: "label:key=v,key=v;label2:..." (each in 16- and 4-bit)')
     ap.add_argument("--rounds", type=int, default=1,
@@ -328,11 +332,12 @@ def main() -> int:
     common = ["--model-dir", model_dir, "--shape", a.shape, "--bs", str(a.bs), "--seq", str(a.seq),
               "--steps", str(a.steps)]
     result["workload"]["deftune_primary_overrides"] = list(a.set)
+    result["workload"]["deftune_primary_4bit_overrides"] = list(a.set) + list(a.set4)
     if a.rounds < 1:
         print("--rounds must be >= 1", file=sys.stderr)
         return 2
-    specs = [spec for spec in row_plan(precisions, bool(a.offload), tuple(a.set), tuple(parse_variants(a.variants)))
-             if not only or spec["name"] in only]
+    plan = row_plan(precisions, bool(a.offload), tuple(a.set), tuple(parse_variants(a.variants)), tuple(a.set4))
+    specs = [spec for spec in plan if not only or spec["name"] in only]
     for round_no, spec in schedule(specs, a.rounds):
         row = {"name": spec["name"], "precision": spec["precision"]}
         row.update({k: True for k in ("primary", "peer") if spec.get(k)})

@@ -60,3 +60,13 @@ def test_loss_and_gradients_match_the_full_logits_reference():
     for k, p in ref_model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_without_labelled_tokens_gives_zero_and_back_propagates():
+    ids, labels = _labels()
+    labels[:] = IGNORE_INDEX
+    model = _model()
+    loss, n = response_loss_sum(model, {"input_ids": ids, "labels": labels})
+    assert n == 0 and float(loss) == 0.0
+    loss.backward()  # no error; every gradient zero
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters() if p.grad is not None)
