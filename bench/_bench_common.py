@@ -213,6 +213,63 @@ def gemm_sites(events, n: int, top: int = 30) -> list[dict]:
     return out
 
 
+def idle_gaps(activities: list[tuple], launches: dict, n: int, min_gap_us: float = 20.0, top: int = 15) -> dict:
+    """Where the busiest GPU stream (the compute stream) waits, per step.
+
+    ``activities``: (name, stream, start_ns, end_ns, correlation) of every kernel, memcpy and memset;
+    ``launches``: correlation -> start_ns of the host call that launched it. A gap longer than
+    ``min_gap_us`` is *host late* when the work after it was launched only after the stream had gone idle
+    (the host is the bottleneck there: Python, launches, a sync) and *waiting* when it had been queued
+    already (a dependency: an event on another stream, e.g. an offload copy). Sums are per step; the
+    largest gaps name the work on either side."""
+    by_stream: dict = {}
+    for act in activities:
+        by_stream.setdefault(act[1], []).append(act)
+    if not by_stream:
+        return {}
+    stream = max(by_stream, key=lambda s: sum(end - start for _, _, start, end, _ in by_stream[s]))
+    acts = sorted(by_stream[stream], key=lambda a: a[2])
+    busy = sum(end - start for _, _, start, end, _ in acts)
+    late_ns = wait_ns = 0
+    gaps, prev_end, prev_name = [], acts[0][3], acts[0][0]
+    for name, _, start, end, corr in acts[1:]:
+        gap = start - prev_end
+        if gap > min_gap_us * 1e3:
+            launched = launches.get(corr)
+            late = launched is not None and launched > prev_end
+            if late:
+                late_ns += gap
+            else:
+                wait_ns += gap
+            gaps.append({"gap_us": round(gap / 1e3, 1), "host_late": late, "before": prev_name[:70],
+                         "after": name[:70]})
+        if end > prev_end:
+            prev_end, prev_name = end, name
+    gaps.sort(key=lambda g: -g["gap_us"])
+    span = acts[-1][3] - acts[0][2]
+    return {"stream": stream, "span_ms_per_step": round(span / n / 1e6, 3),
+            "busy_ms_per_step": round(busy / n / 1e6, 3),
+            "idle_ms_per_step": round((span - busy) / n / 1e6, 3),
+            "idle_host_late_ms_per_step": round(late_ns / n / 1e6, 3),
+            "idle_waiting_ms_per_step": round(wait_ns / n / 1e6, 3),
+            "gaps_over_min_per_step": round(len(gaps) / n, 1), "min_gap_us": min_gap_us,
+            "largest_gaps": gaps[:top]}
+
+
+def _kineto_idle(prof, n: int) -> dict:
+    """:func:`idle_gaps` from a torch.profiler run (CUDA activities and the runtime calls that launched them)."""
+    from torch.autograd import DeviceType
+
+    activities, launches = [], {}
+    for evt in prof.profiler.kineto_results.events():
+        if evt.device_type() == DeviceType.CUDA:
+            corr = evt.linked_correlation_id() or evt.correlation_id()
+            activities.append((evt.name(), evt.device_resource_id(), evt.start_ns(), evt.end_ns(), corr))
+        elif evt.name().startswith(("cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaMemset")):
+            launches[evt.correlation_id()] = evt.start_ns()
+    return idle_gaps(activities, launches, n)
+
+
 def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: int = 2,
                   device: str = "cuda") -> dict:
     """``n`` more steps under torch.profiler: GPU kernel time per step by kernel and by family
@@ -270,6 +327,11 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
             "cpu_ops": [{"op": k[:160], "self_cpu_ms_per_step": round(ms, 3), "calls_per_step": c}
                         for k, ms, c in cpu_ops[:60]],
             "blocking_runtime_calls": blocking}
+    if device == "cuda":
+        try:
+            full["idle"] = _kineto_idle(prof, n)
+        except Exception as exc:  # a profiler build without these accessors: the rest still counts
+            full["idle"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if stacks:
         # Which copies: copy/clone ops grouped by their input shapes, by device time.
         sites = []
@@ -299,7 +361,8 @@ def profile_steps(step, vocab: int, bs: int, seq: int, gen, out_path: str, n: in
     with open(out_path, "w") as f:
         json.dump(full, f, indent=1)
     return {k: full[k] for k in ("wall_ms_per_step", "gpu_busy_ms_per_step", "families_ms",
-                                 "kernel_launches_per_step", "blocking_runtime_calls")} | {
+                                 "kernel_launches_per_step", "blocking_runtime_calls") if k in full} | {
+        "idle": {k: v for k, v in full.get("idle", {}).items() if k != "largest_gaps"},
         "top10": [[k["kernel"][:80], k["ms_per_step"]] for k in full["kernels"][:10]]}
 
 
