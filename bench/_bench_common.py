@@ -403,6 +403,12 @@ def versions() -> dict:
     except Exception:
         pass
     out["deftune_src_sha1"] = src_digest()
+    # The GPU host's copy of the checkout keeps the git metadata of the session's start: the caller names
+    # the commit it sent (DEFTUNE_GIT=$(git rev-parse --short HEAD) where the checkout lives), and
+    # deftune_src_sha1 (`python bench/_bench_common.py digest` there) confirms it.
+    if os.environ.get("DEFTUNE_GIT"):
+        out["deftune_git_from_git_metadata"] = out.get("deftune_git", "")
+        out["deftune_git"] = os.environ["DEFTUNE_GIT"]
     return out
 
 
