@@ -151,6 +151,11 @@ def test_triton_double_dequantize_equals_the_reference_exactly(dtype, numel):
     absmax = dequantize_absmax(q["absmax_codes"], q["absmax_scale"], q["absmax_mean"])
     expected = dequantize_nf4_reference(q["packed_codes"], absmax, numel, dtype)
     _equal_up_to_fma(dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected, dtype)
+    # Launch shapes of the bench's sweep: 512 bytes per program (one d / 127 per program) and 16384 (a
+    # program spans two absmax-scale groups: d / 127 per element).
+    for block in (512, 16384):
+        got = dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE, block=block, num_warps=2)
+        _equal_up_to_fma(got, expected, dtype)
     _equal_up_to_fma(dequantize_nf4_double(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected, dtype)
 
 

@@ -40,10 +40,14 @@ def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr, BY_HAN
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
                            numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
-                           DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
+                           DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr,
+                           ONE_SCALE: tl.constexpr):
     # DOUBLE: the block's absmax is rebuilt from its int8 code, k * (d / 127) + m (codes/scale/mean);
     # otherwise read from absmax_ptr (float32). div_rn: the IEEE division PyTorch's reference does.
-    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # ONE_SCALE: the program's 2 * BLOCK elements lie inside one group of ABLOCK blocks (the launcher
+    # checks), so d / 127 is one scalar division per program instead of one per element.
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BLOCK + tl.arange(0, BLOCK)
     first = 2 * byte  # index of the element in the byte's high nibble
     in_range = first < numel
     packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
@@ -53,7 +57,10 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_pt
     block = first // QBLOCK
     if DOUBLE:
         k = tl.load(codes_ptr + block, mask=in_range, other=0).to(tl.float32)
-        step = tl.math.div_rn(tl.load(scale_ptr + block // ABLOCK, mask=in_range, other=0.0), 127.0)
+        if ONE_SCALE:
+            step = tl.math.div_rn(tl.load(scale_ptr + (pid * 2 * BLOCK) // (QBLOCK * ABLOCK)), 127.0)
+        else:
+            step = tl.math.div_rn(tl.load(scale_ptr + block // ABLOCK, mask=in_range, other=0.0), 127.0)
         scale = k * step + tl.load(mean_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
@@ -85,7 +92,8 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
     _nf4_dequantize_kernel[grid](
         packed, scale, absmax_codes, scale, absmax_mean.float(), nf4_code_book(packed.device), out_view,
         numel, BLOCK=block, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True,
-        OUT_BF16=is_bf16, BY_HAND=triton_interpreting(), num_warps=num_warps or _NUM_WARPS,
+        OUT_BF16=is_bf16, BY_HAND=triton_interpreting(), ONE_SCALE=(BLOCK_SIZE * absmax_block) % (2 * block) == 0,
+        num_warps=num_warps or _NUM_WARPS,
     )
     return out
 
@@ -106,6 +114,6 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int
         packed.contiguous(), absmax, absmax, absmax, absmax, nf4_code_book(packed.device),
         out.view(torch.int16) if is_bf16 else out, numel,
         BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=1, DOUBLE=False, OUT_BF16=is_bf16,
-        BY_HAND=triton_interpreting(), num_warps=_NUM_WARPS,
+        BY_HAND=triton_interpreting(), ONE_SCALE=False, num_warps=_NUM_WARPS,
     )
     return out
