@@ -195,10 +195,12 @@ def nf4_race(shape: dict, dev: str = "cuda", race_fn=None) -> dict:
         "deftune": lambda: _nf4_triton.dequantize_nf4_double_triton(*args),
     }
     # The kernel's launch shape (bytes per program x warps), swept: the default is one point of it.
-    for block in (512, 1024, 2048, 4096, 8192):
-        for warps in (2, 4, 8):
-            candidates[f"deftune b{block} w{warps}"] = (
-                lambda b=block, w=warps: _nf4_triton.dequantize_nf4_double_triton(*args, block=b, num_warps=w))
+    for elements in (False, True):
+        for block in (512, 1024, 2048, 4096, 8192):
+            for warps in (2, 4, 8):
+                candidates[f"deftune{' elem' if elements else ''} b{block} w{warps}"] = (
+                    lambda b=block, w=warps, e=elements: _nf4_triton.dequantize_nf4_double_triton(
+                        *args, block=b, num_warps=w, elements=e))
     try:
         import bitsandbytes.functional as bnbf
 

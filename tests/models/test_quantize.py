@@ -154,8 +154,10 @@ def test_triton_double_dequantize_equals_the_reference_exactly(dtype, numel):
     # Launch shapes of the bench's sweep: 512 bytes per program (one d / 127 per program) and 16384 (a
     # program spans two absmax-scale groups: d / 127 per element).
     for block in (512, 16384):
-        got = dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE, block=block, num_warps=2)
-        _equal_up_to_fma(got, expected, dtype)
+        for elements in (False, True):  # a lane per byte (pairs interleaved) or per output element
+            got = dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE, block=block, num_warps=2,
+                                               elements=elements)
+            _equal_up_to_fma(got, expected, dtype)
     _equal_up_to_fma(dequantize_nf4_double(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected, dtype)
 
 

@@ -17,6 +17,7 @@ from deftune.kernels.nf4 import BLOCK_SIZE, nf4_code_book
 
 _BYTES_PER_PROGRAM = 1024
 _NUM_WARPS = 4  # Triton's default
+_ELEMENTS = False  # lanes per byte (interleaved pairs); True: a lane per output element
 
 
 @triton.jit
@@ -41,20 +42,31 @@ def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr, BY_HAN
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
                            numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
                            DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr,
-                           ONE_SCALE: tl.constexpr):
+                           ONE_SCALE: tl.constexpr, ELEMENTS: tl.constexpr):
+    # A program writes the 2 * BLOCK outputs of BLOCK packed bytes. ELEMENTS: one lane per output (each
+    # picks its nibble; the stores are contiguous per thread, each byte is read twice through the cache);
+    # else one lane per byte, both nibbles looked up and interleaved.
     # DOUBLE: the block's absmax is rebuilt from its int8 code, k * (d / 127) + m (codes/scale/mean);
     # otherwise read from absmax_ptr (float32). div_rn: the IEEE division PyTorch's reference does.
     # ONE_SCALE: the program's 2 * BLOCK elements lie inside one group of ABLOCK blocks (the launcher
     # checks), so d / 127 is one scalar division per program instead of one per element.
     pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK + tl.arange(0, BLOCK)
-    first = 2 * byte  # index of the element in the byte's high nibble
-    in_range = first < numel
-    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    high = tl.load(code_book_ptr + (packed >> 4))
-    low = tl.load(code_book_ptr + (packed & 0xF))
-    # QBLOCK is even, so both elements of a byte share one absmax.
-    block = first // QBLOCK
+    if ELEMENTS:
+        elem = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        in_range = elem < numel
+        packed = tl.load(packed_ptr + elem // 2, mask=in_range, other=0).to(tl.int32)
+        shift = (4 - 4 * (elem % 2)).to(tl.int32)  # even elements sit in the high nibble
+        code_value = tl.load(code_book_ptr + ((packed >> shift) & 0xF))
+        block = elem // QBLOCK
+    else:
+        byte = pid * BLOCK + tl.arange(0, BLOCK)
+        first = 2 * byte  # index of the element in the byte's high nibble
+        in_range = first < numel
+        packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
+        high = tl.load(code_book_ptr + (packed >> 4))
+        low = tl.load(code_book_ptr + (packed & 0xF))
+        # QBLOCK is even, so both elements of a byte share one absmax.
+        block = first // QBLOCK
     if DOUBLE:
         k = tl.load(codes_ptr + block, mask=in_range, other=0).to(tl.float32)
         if ONE_SCALE:
@@ -64,17 +76,22 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_pt
         scale = k * step + tl.load(mean_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
-    values = tl.interleave(high * scale, low * scale)
-    offsets = tl.interleave(first, first + 1)
-    _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16, BY_HAND)
+    if ELEMENTS:
+        _store_values(out_ptr, elem, code_value * scale, in_range, OUT_BF16, BY_HAND)
+    else:
+        values = tl.interleave(high * scale, low * scale)
+        offsets = tl.interleave(first, first + 1)
+        _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16, BY_HAND)
 
 
 def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
                                  absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
-                                 absmax_block: int, block: int = 0, num_warps: int = 0) -> torch.Tensor:
+                                 absmax_block: int, block: int = 0, num_warps: int = 0,
+                                 elements: bool | None = None) -> torch.Tensor:
     """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch); ``block`` (bytes per
-    program) and ``num_warps`` default to :data:`_BYTES_PER_PROGRAM` / :data:`_NUM_WARPS`
-    (bench/kernels_vs_liger.py sweeps them). (A layout with the absmax loaded once per block row and one
+    program), ``num_warps`` and ``elements`` (one lane per output instead of per byte) default to
+    :data:`_BYTES_PER_PROGRAM` / :data:`_NUM_WARPS` / :data:`_ELEMENTS` (bench/kernels_vs_liger.py sweeps
+    them). (A layout with the absmax loaded once per block row and one
     64-bit table gather per byte measured 5-7x slower on an H200, bench/results/kernels_vs_liger_9b78004.json,
     and was dropped.)"""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -93,7 +110,7 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
         packed, scale, absmax_codes, scale, absmax_mean.float(), nf4_code_book(packed.device), out_view,
         numel, BLOCK=block, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True,
         OUT_BF16=is_bf16, BY_HAND=triton_interpreting(), ONE_SCALE=(BLOCK_SIZE * absmax_block) % (2 * block) == 0,
-        num_warps=num_warps or _NUM_WARPS,
+        ELEMENTS=_ELEMENTS if elements is None else elements, num_warps=num_warps or _NUM_WARPS,
     )
     return out
 
@@ -114,6 +131,6 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int
         packed.contiguous(), absmax, absmax, absmax, absmax, nf4_code_book(packed.device),
         out.view(torch.int16) if is_bf16 else out, numel,
         BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=1, DOUBLE=False, OUT_BF16=is_bf16,
-        BY_HAND=triton_interpreting(), ONE_SCALE=False, num_warps=_NUM_WARPS,
+        BY_HAND=triton_interpreting(), ONE_SCALE=False, ELEMENTS=_ELEMENTS, num_warps=_NUM_WARPS,
     )
     return out
