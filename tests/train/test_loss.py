@@ -70,3 +70,25 @@ def test_a_batch_without_labelled_tokens_gives_zero_and_back_propagates():
     assert n == 0 and float(loss) == 0.0
     loss.backward()  # no error; every gradient zero
     assert all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters() if p.grad is not None)
+
+
+def test_positions_found_on_the_host_are_used_as_given():
+    """train.loop.move finds the labelled positions on the CPU before the copy to the GPU; the loss takes
+    them instead of asking the GPU (checked here with positions that keep only the first row's targets)."""
+    from deftune.train.loop import move
+
+    ids, labels = _labels()
+    moved = move({"input_ids": ids, "labels": labels}, torch.device("meta"))
+    target_at, hidden_at = moved["label_positions"]
+    assert target_at.device.type == "meta" and target_at.shape == (16,) and hidden_at.shape == (16,)
+    assert "label_positions" not in move({"input_ids": ids, "labels": labels}, torch.device("cpu"))
+
+    model = _model()
+    full, n_full = response_loss_sum(model, {"input_ids": ids, "labels": labels})
+    first_row = labels.clone()
+    first_row[1:] = IGNORE_INDEX
+    given = labelled_positions(first_row)
+    loss, n = response_loss_sum(model, {"input_ids": ids, "labels": labels, "label_positions": given})
+    ref, n_ref = response_loss_sum(model, {"input_ids": ids, "labels": first_row})
+    assert n == n_ref == 7 < n_full
+    torch.testing.assert_close(loss, ref)

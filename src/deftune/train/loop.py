@@ -29,7 +29,7 @@ from deftune.data import PreparedData, batches
 from deftune.errors import DeftuneError
 from deftune.train.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from deftune.train.dist import is_main_process
-from deftune.train.loss import count_label_tokens, response_loss_sum
+from deftune.train.loss import count_label_tokens, labelled_positions, response_loss_sum
 from deftune.train.monitor import (
     Board,
     GradNormGuard,
@@ -99,7 +99,13 @@ HOST_KEYS = frozenset({"cu_seqlens"})
 
 
 def move(batch: dict, device: torch.device) -> dict:
-    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+    """``batch`` on ``device``, with the labelled positions found on the host first (``label_positions``):
+    the loss then selects them without asking the GPU how many there are (a sync per micro-batch)."""
+    out = {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and torch.device(device).type != "cpu":
+        out["label_positions"] = tuple(t.to(device, non_blocking=True) for t in labelled_positions(labels))
+    return out
 
 
 @torch.no_grad()

@@ -37,7 +37,8 @@ def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]
     backbone = decoder_backbone(model)
     hidden = backbone(**backbone_inputs(batch), use_cache=False).last_hidden_state
     labels = batch["labels"]
-    target_at, hidden_at = labelled_positions(labels)
+    # Found on the host by the trainer (train.loop.move) when it can; else here, with one GPU sync.
+    target_at, hidden_at = batch.get("label_positions") or labelled_positions(labels)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_at)
     # The backward needs neither (index_select keeps only the index; the final RMSNorm keeps its input):
     # freed now, it is not held through the head and the loss, where a step's memory peaks.
