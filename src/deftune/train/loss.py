@@ -35,10 +35,12 @@ def backbone_inputs(batch: dict) -> dict:
 def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of token cross-entropies over labelled positions, and how many there were."""
     backbone = decoder_backbone(model)
-    hidden = backbone(**backbone_inputs(batch), use_cache=False).last_hidden_state
     labels = batch["labels"]
-    # Found on the host by the trainer (train.loop.move) when it can; else here, with one GPU sync.
+    # Found on the host by the trainer (train.loop.move) when it can; else here, with one GPU sync, taken
+    # before the forward is queued: there the GPU has nothing to drain, after it the host would wait for
+    # the whole forward and lose its lead over the GPU.
     target_at, hidden_at = batch.get("label_positions") or labelled_positions(labels)
+    hidden = backbone(**backbone_inputs(batch), use_cache=False).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_at)
     # The backward needs neither (index_select keeps only the index; the final RMSNorm keeps its input):
     # freed now, it is not held through the head and the loss, where a step's memory peaks.
