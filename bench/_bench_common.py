@@ -220,8 +220,9 @@ def idle_gaps(activities: list[tuple], launches: dict, n: int, min_gap_us: float
     ``launches``: correlation -> start_ns of the host call that launched it. A gap longer than
     ``min_gap_us`` is *host late* when the work after it was launched only after the stream had gone idle
     (the host is the bottleneck there: Python, launches, a sync) and *waiting* when it had been queued
-    already (a dependency: an event on another stream, e.g. an offload copy). Sums are per step; the
-    largest gaps name the work on either side."""
+    already (a dependency: an event on another stream, e.g. an offload copy), and *unknown* when the
+    profiler did not record the launching call (not counted as waiting: that would hide a host-bound
+    stretch). Sums are per step; the largest gaps name the work on either side."""
     by_stream: dict = {}
     for act in activities:
         by_stream.setdefault(act[1], []).append(act)
@@ -230,14 +231,16 @@ def idle_gaps(activities: list[tuple], launches: dict, n: int, min_gap_us: float
     stream = max(by_stream, key=lambda s: sum(end - start for _, _, start, end, _ in by_stream[s]))
     acts = sorted(by_stream[stream], key=lambda a: a[2])
     busy = sum(end - start for _, _, start, end, _ in acts)
-    late_ns = wait_ns = 0
+    late_ns = wait_ns = unknown_ns = 0
     gaps, prev_end, prev_name = [], acts[0][3], acts[0][0]
     for name, _, start, end, corr in acts[1:]:
         gap = start - prev_end
         if gap > min_gap_us * 1e3:
             launched = launches.get(corr)
-            late = launched is not None and launched > prev_end
-            if late:
+            late = None if launched is None else launched > prev_end
+            if late is None:
+                unknown_ns += gap
+            elif late:
                 late_ns += gap
             else:
                 wait_ns += gap
@@ -252,6 +255,7 @@ def idle_gaps(activities: list[tuple], launches: dict, n: int, min_gap_us: float
             "idle_ms_per_step": round((span - busy) / n / 1e6, 3),
             "idle_host_late_ms_per_step": round(late_ns / n / 1e6, 3),
             "idle_waiting_ms_per_step": round(wait_ns / n / 1e6, 3),
+            "idle_launch_unknown_ms_per_step": round(unknown_ns / n / 1e6, 3),
             "gaps_over_min_per_step": round(len(gaps) / n, 1), "min_gap_us": min_gap_us,
             "largest_gaps": gaps[:top]}
 

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections import Counter
+from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import emit, make_model_folder, runner_args, timed_steps  # noqa: E402
@@ -140,16 +141,35 @@ def train_step(built: dict, input_ids) -> float:
 
     model, optimizer, scheduler = built["model"], built["optimizer"], built["scheduler"]
     batch = {"input_ids": input_ids, "labels": input_ids}
+    # Host clock at the end of each phase's launches (nothing here waits for the GPU before the final
+    # float(loss), except the labelled positions' nonzero at the start, when the GPU is idle anyway). A
+    # step whose launches take about as long as the step is bound by the host, not by the GPU.
+    t0 = time.perf_counter()
     with autocast_context(built["device"]):
         loss_sum, n = response_loss_sum(model, batch)
     loss = loss_sum / n
+    t1 = time.perf_counter()
     loss.backward()
+    t2 = time.perf_counter()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     torch.nn.utils.clip_grad_norm_(params, built["recipe"].train.clip_grad)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    built.setdefault("host_s", []).append((t1 - t0, t2 - t1, t3 - t2))
     return float(loss.detach())
+
+
+def host_launch_ms(samples: list, skip: int) -> dict:
+    """Median host time per phase (forward + loss, backward, clip + optimizer) over the timed steps, in ms."""
+    rows = samples[skip:]
+    if not rows:
+        return {}
+    out = {name: round(median(r[i] for r in rows) * 1e3, 2)
+           for i, name in enumerate(("forward", "backward", "optimizer"))}
+    out["total"] = round(median(sum(r) for r in rows) * 1e3, 2)
+    return out
 
 
 def phase_peaks(built: dict, input_ids) -> dict:
@@ -211,6 +231,8 @@ def main() -> None:
     timing = timed_steps(lambda x: train_step(built, x), built["model"].config.vocab_size, a.bs, a.seq,
                          a.device, a.warmup, a.steps)
     meta = _meta(built, on_cuda)
+    # Timed steps only (the profiled steps run after them and are not counted).
+    meta["host_launch_ms"] = host_launch_ms(built.get("host_s", [])[:a.warmup + a.steps], a.warmup)
     if a.phase_peaks and on_cuda and timing.get("status") == "ok":
         import torch
 

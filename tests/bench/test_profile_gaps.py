@@ -37,3 +37,13 @@ def test_per_step_figures_divide_by_the_step_count_and_empty_input_gives_nothing
     assert out["idle_host_late_ms_per_step"] == pytest.approx(0.05)
     assert out["gaps_over_min_per_step"] == 0.5
     assert idle_gaps([], {}, n=1) == {}
+
+
+def test_a_gap_whose_launch_was_not_recorded_is_unknown_not_waiting():
+    # k2's launching call is missing from the trace: its 100us gap must not be read as a GPU-side wait.
+    acts = [("k1", 3, 0, 100 * US, 1), ("k2", 3, 200 * US, 300 * US, 2)]
+    out = idle_gaps(acts, {1: 0}, n=1)
+    assert out["idle_launch_unknown_ms_per_step"] == pytest.approx(0.1)
+    assert out["idle_waiting_ms_per_step"] == 0
+    assert out["idle_host_late_ms_per_step"] == 0
+    assert out["largest_gaps"][0]["host_late"] is None
