@@ -162,8 +162,9 @@ def kernel_family(name: str) -> str:
     return "other (Triton and custom)"
 
 
-def _cprofile_step(step, x, top: int = 45) -> list:
-    """One step under cProfile: the Python functions with the most own time (host overhead hunting)."""
+def _cprofile_step(step, x, top: int = 45) -> dict:
+    """One step under cProfile: the Python functions with the most own time and the most cumulative time
+    (host overhead hunting: which call of the step's code spends the host's time, own or below it)."""
     import cProfile
     import pstats
 
@@ -176,9 +177,11 @@ def _cprofile_step(step, x, top: int = 45) -> list:
     for (fname, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():
         rows.append((tt, ct, nc, f"{os.path.basename(os.path.dirname(fname))}/{os.path.basename(fname)}:{line}"
                      f"({func})"))
-    rows.sort(key=lambda r: -r[0])
-    return [{"fn": r[3][:150], "tottime_ms": round(r[0] * 1e3, 2), "cumtime_ms": round(r[1] * 1e3, 2),
-             "calls": r[2]} for r in rows[:top]]
+    def table(key) -> list:
+        return [{"fn": r[3][:150], "tottime_ms": round(r[0] * 1e3, 2), "cumtime_ms": round(r[1] * 1e3, 2),
+                 "calls": r[2]} for r in sorted(rows, key=key)[:top]]
+
+    return {"by_own_time": table(lambda r: -r[0]), "by_cumulative_time": table(lambda r: -r[1])}
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
