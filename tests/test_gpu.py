@@ -67,6 +67,23 @@ def test_nf4_double_dequantize_kernel_at_an_8b_mlp_shape():
         assert (got != want).float().mean() < 1e-3, kw  # an FMA moves a rare rounding, not the result
 
 
+def test_nf4_group_kernel_equals_one_launch_per_weight_on_cuda():
+    """The group kernel compiled on the card (a 1B attention block's q/k/v/o in one launch): every weight
+    bit for bit what its own launch gives (the same program per block; both may use the FMA)."""
+    from deftune.kernels._nf4_triton import dequantize_nf4_double_group_triton, dequantize_nf4_double_triton
+    from deftune.models.quantize import ABSMAX_BLOCK_SIZE, quantize_nf4
+
+    torch.manual_seed(0)
+    weights = []
+    for shape in ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048)):
+        q = quantize_nf4(0.02 * torch.randn(*shape, device="cuda"))
+        weights.append((q["packed_codes"], q["absmax_codes"], q["absmax_scale"], q["absmax_mean"],
+                        shape[0] * shape[1]))
+    got = dequantize_nf4_double_group_triton(weights, torch.bfloat16, ABSMAX_BLOCK_SIZE)
+    for g, w in zip(got, weights):
+        assert torch.equal(g, dequantize_nf4_double_triton(*w, torch.bfloat16, ABSMAX_BLOCK_SIZE))
+
+
 def test_fast_launches_replay_every_kernel_exactly_on_cuda(monkeypatch):
     """deftune.kernels._launch on the card: with cached launches on, the second call of each kernel (the
     replayed launch) gives bit for bit what the first (ordinary) launch gave, forward and backward; the
@@ -107,6 +124,7 @@ def test_fast_launches_replay_every_kernel_exactly_on_cuda(monkeypatch):
         sum(o.float().sum() for o in out).backward()
         out += [t.grad.clone() for t in (x, q, k, g, u, h)]
         out.append(_nf4_triton.dequantize_nf4_double_triton(*nf4_args))
+        out += _nf4_triton.dequantize_nf4_double_group_triton([nf4_args[:5]] * 3, bf16, ABSMAX_BLOCK_SIZE)
         return [o.detach().clone() for o in out]
 
     with warnings.catch_warnings():
@@ -117,3 +135,4 @@ def test_fast_launches_replay_every_kernel_exactly_on_cuda(monkeypatch):
     assert _launch._ENABLED[0]
     assert any(callable(v) for v in _rmsnorm_triton._rms_norm_fwd.launchers.values())
     assert any(callable(v) for v in _swiglu_triton._swiglu_bwd.launchers.values())
+    assert any(callable(v) for v in _nf4_triton._nf4_dequantize_group_kernel.launchers.values())

@@ -825,8 +825,11 @@ def test_reuse_dequantized_skips_the_backward_dequantization_after_a_recompute(m
     from deftune.models.quantize import NF4Linear
 
     calls = []
-    real = NF4Linear.dequantize
+    real, real_group = NF4Linear.dequantize, NF4Linear.dequantize_group
     monkeypatch.setattr(NF4Linear, "dequantize", lambda self: calls.append(1) or real(self))
+    # Weights dequantized in a group (one launch for q/k/v/o, one for gate/up) count one each here.
+    monkeypatch.setattr(NF4Linear, "dequantize_group",
+                        staticmethod(lambda layers: calls.extend([1] * len(layers)) or real_group(layers)))
     batch = _batch()
     counts, results = {}, {}
     for keep in (False, True):
@@ -842,6 +845,39 @@ def test_reuse_dequantized_skips_the_backward_dequantization_after_a_recompute(m
     assert results[True][0] == results[False][0]
     for name, grad in results[False][2].items():
         assert torch.equal(results[True][2][name], grad), name
+
+
+def test_grouped_dequantization_launches_once_per_block_with_the_same_results(monkeypatch):
+    """4-bit q/k/v/o are dequantized in one launch per attention block and gate/up in one per MLP (down
+    on its own): 7 launches per layer forward become 3, and a recompute's 6 become 2. Loss and gradients
+    equal those of one launch per projection (GROUP_BYTES = 0) bit for bit, and nothing stays grouped."""
+    import deftune.models.quantize as quantize_module
+    from deftune.kernels import lora_linear as ll
+    from deftune.kernels import nf4 as nf4_module
+
+    # One entry per call (the launch count on a GPU): 1 for a single weight, the weights of a group.
+    launches = []
+    real_single, real_group = nf4_module.dequantize_nf4_double, nf4_module.dequantize_nf4_double_group
+    monkeypatch.setattr(quantize_module, "dequantize_nf4_double",
+                        lambda *a, **k: launches.append(1) or real_single(*a, **k))
+    monkeypatch.setattr(quantize_module, "dequantize_nf4_double_group",
+                        lambda weights, *a, **k: launches.append(len(weights)) or real_group(weights, *a, **k))
+    batch = _batch()
+    results, counts = {}, {}
+    for cap in (0, ll.GROUP_BYTES):
+        monkeypatch.setattr(ll, "GROUP_BYTES", cap)
+        model = _nf4_lora_model()
+        assert offload.wrap_decoder_layers(model) == 2
+        launches.clear()
+        results[cap] = _loss_and_grads(model, batch)
+        counts[cap] = (len(launches), sum(launches))
+        assert ll._GROUPED.get() is None
+    # (launches, weights): forward 2 x 7, recompute 2 x 6, backward 11 (layer 0's q/k/v need no dx)
+    assert counts[0] == (37, 37)
+    assert counts[ll.GROUP_BYTES] == (2 * 3 + 2 * 2 + 11, 37)
+    assert results[0][0] == results[ll.GROUP_BYTES][0]
+    for name, grad in results[0][2].items():
+        assert torch.equal(results[ll.GROUP_BYTES][2][name], grad), name
 
 
 def test_reuse_dequantized_is_checked():

@@ -40,12 +40,11 @@ def _store_values(out_ptr, offsets, values, mask, OUT_BF16: tl.constexpr, BY_HAN
         tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@fast_launch
 @triton.jit
-def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
-                           numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
-                           DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr,
-                           ONE_SCALE: tl.constexpr, ELEMENTS: tl.constexpr):
+def _dequantize_program(pid, packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
+                        numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+                        DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr,
+                        ONE_SCALE: tl.constexpr, ELEMENTS: tl.constexpr):
     # A program writes the 2 * BLOCK outputs of BLOCK packed bytes. ELEMENTS: one lane per output (each
     # picks its nibble; the stores are contiguous per thread, each byte is read twice through the cache);
     # else one lane per byte, both nibbles looked up and interleaved.
@@ -53,7 +52,6 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_pt
     # otherwise read from absmax_ptr (float32). div_rn: the IEEE division PyTorch's reference does.
     # ONE_SCALE: the program's 2 * BLOCK elements lie inside one group of ABLOCK blocks (the launcher
     # checks), so d / 127 is one scalar division per program instead of one per element.
-    pid = tl.program_id(0).to(tl.int64)
     if ELEMENTS:
         elem = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
         in_range = elem < numel
@@ -87,6 +85,46 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_pt
         _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16, BY_HAND)
 
 
+@fast_launch
+@triton.jit
+def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
+                           numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+                           DOUBLE: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr,
+                           ONE_SCALE: tl.constexpr, ELEMENTS: tl.constexpr):
+    _dequantize_program(tl.program_id(0).to(tl.int64), packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr,
+                        code_book_ptr, out_ptr, numel, BLOCK, QBLOCK, ABLOCK, DOUBLE, OUT_BF16, BY_HAND,
+                        ONE_SCALE, ELEMENTS)
+
+
+@fast_launch
+@triton.jit
+def _nf4_dequantize_group_kernel(packed0, codes0, scale0, mean0, out0, numel0,
+                                 packed1, codes1, scale1, mean1, out1, numel1,
+                                 packed2, codes2, scale2, mean2, out2, numel2,
+                                 packed3, codes3, scale3, mean3, out3, numel3,
+                                 start1, start2, start3, code_book_ptr,
+                                 BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+                                 OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr, ONE_SCALE: tl.constexpr,
+                                 ELEMENTS: tl.constexpr):
+    # Up to four double-quantized weights in one launch: programs [0, start1) dequantize weight 0,
+    # [start1, start2) weight 1, and so on (a group of fewer weights passes start_k = the grid size for
+    # the missing ones, so their branches are never taken). One launch instead of one per projection:
+    # at 1B scale the host's launch work, not the GPU's, bounds a 4-bit step.
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < start1:
+        _dequantize_program(pid, packed0, scale0, codes0, scale0, mean0, code_book_ptr, out0, numel0, BLOCK,
+                            QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
+    elif pid < start2:
+        _dequantize_program(pid - start1, packed1, scale1, codes1, scale1, mean1, code_book_ptr, out1, numel1,
+                            BLOCK, QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
+    elif pid < start3:
+        _dequantize_program(pid - start2, packed2, scale2, codes2, scale2, mean2, code_book_ptr, out2, numel2,
+                            BLOCK, QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
+    else:
+        _dequantize_program(pid - start3, packed3, scale3, codes3, scale3, mean3, code_book_ptr, out3, numel3,
+                            BLOCK, QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
+
+
 def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
                                  absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
                                  absmax_block: int, block: int = 0, num_warps: int = 0,
@@ -116,6 +154,48 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
         ELEMENTS=_ELEMENTS if elements is None else elements, num_warps=num_warps or _NUM_WARPS,
     )
     return out
+
+
+# A weight's output starts on a 128-byte boundary of the shared buffer (aligned, vectorised stores).
+_GROUP_ALIGN_ELEMENTS = 64
+GROUP_MAX = 4  # weights per launch of the group kernel
+
+
+def dequantize_nf4_double_group_triton(weights: list[tuple], dtype: torch.dtype,
+                                       absmax_block: int) -> list[torch.Tensor]:
+    """:func:`dequantize_nf4_double_triton` of up to :data:`GROUP_MAX` weights in one launch.
+
+    ``weights``: ``(packed, absmax_codes, absmax_scale, absmax_mean, numel)`` per weight. Returns one flat
+    tensor per weight, each a view into one buffer (so the group's memory is freed when the last view
+    goes), equal element for element to dequantizing each weight on its own."""
+    if not 1 <= len(weights) <= GROUP_MAX:
+        raise ValueError(f"the NF4 group kernel takes 1 to {GROUP_MAX} weights, got {len(weights)}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
+    offsets, total = [], 0
+    for *_, numel in weights:
+        offsets.append(total)
+        total += -(-numel // _GROUP_ALIGN_ELEMENTS) * _GROUP_ALIGN_ELEMENTS
+    buffer = torch.empty(max(total, 1), dtype=dtype, device=weights[0][0].device)
+    outs = [buffer[off:off + w[4]] for off, w in zip(offsets, weights)]
+    is_bf16 = dtype == torch.bfloat16
+    block = _BYTES_PER_PROGRAM
+    args, starts, programs = [], [], 0
+    for (packed, codes, scale, mean, numel), out in zip(weights, outs):
+        starts.append(programs)
+        programs += triton.cdiv((numel + 1) // 2, block)
+        args += [packed, codes, scale.float(), mean.float(), out.view(torch.int16) if is_bf16 else out, numel]
+    if programs == 0:
+        return outs
+    # Missing weights: weight 0's arguments again, behind a start no program reaches.
+    args += args[:6] * (GROUP_MAX - len(weights))
+    starts += [programs] * (GROUP_MAX - len(weights))
+    _nf4_dequantize_group_kernel[(programs,)](
+        *args, *starts[1:], nf4_code_book(buffer.device),
+        BLOCK=block, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, OUT_BF16=is_bf16, BY_HAND=triton_interpreting(),
+        ONE_SCALE=(BLOCK_SIZE * absmax_block) % (2 * block) == 0, ELEMENTS=_ELEMENTS, num_warps=_NUM_WARPS,
+    )
+    return outs
 
 
 def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int,

@@ -23,7 +23,8 @@ import torch
 from deftune.kernels import use_triton
 
 __all__ = ["NF4_CODE_VALUES", "BLOCK_SIZE", "nf4_code_book", "pack_nibbles", "unpack_nibbles",
-           "absmax_from_codes", "dequantize_nf4", "dequantize_nf4_double", "dequantize_nf4_reference"]
+           "absmax_from_codes", "dequantize_nf4", "dequantize_nf4_double", "dequantize_nf4_double_group",
+           "dequantize_nf4_reference"]
 
 # NF4 code book, the table in the QLoRA paper's Appendix E. Construction (Sec. 3 of the paper): the
 # quantiles of N(0, 1) at 8 evenly spaced probabilities from delta = 0.9677083 (= (1/2)(1/32 + 1/30)
@@ -95,6 +96,22 @@ def dequantize_nf4_double(packed: torch.Tensor, absmax_codes: torch.Tensor, absm
                                             absmax_block)
     absmax = absmax_from_codes(absmax_codes, absmax_scale, absmax_mean, absmax_block)
     return dequantize_nf4_reference(packed, absmax, numel, dtype)
+
+
+def dequantize_nf4_double_group(weights: list[tuple], dtype: torch.dtype,
+                                absmax_block: int = 256) -> list[torch.Tensor]:
+    """:func:`dequantize_nf4_double` of several weights, ``(packed, absmax_codes, absmax_scale,
+    absmax_mean, numel)`` each: on the GPU one kernel launch per four weights (the outputs are views of
+    one buffer), elsewhere one reference call per weight. The same values as one call per weight."""
+    tensors = [t for w in weights for t in w[:4]]
+    if weights and use_triton(*tensors):
+        from deftune.kernels._nf4_triton import GROUP_MAX, dequantize_nf4_double_group_triton
+
+        out = []
+        for i in range(0, len(weights), GROUP_MAX):
+            out += dequantize_nf4_double_group_triton(weights[i:i + GROUP_MAX], dtype, absmax_block)
+        return out
+    return [dequantize_nf4_double(*w, dtype, absmax_block) for w in weights]
 
 
 def absmax_from_codes(codes: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,

@@ -28,7 +28,13 @@ from torch import nn
 
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.kernels.linear_ce import linear_cross_entropy
-from deftune.kernels.lora_linear import compute_dtype, lora_group, lora_linear_given, swiglu_lora_linear
+from deftune.kernels.lora_linear import (
+    compute_dtype,
+    grouped_weights,
+    lora_group,
+    lora_linear_given,
+    swiglu_lora_linear,
+)
 from deftune.kernels.offload import current_mlp_stash
 from deftune.kernels.rmsnorm import rms_norm
 from deftune.kernels.rope import rope_qk
@@ -53,7 +59,9 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     stash = current_mlp_stash()
     if stash is None or stash.recording:
-        gate, up = _project(self, x, ("gate_proj", "up_proj"))
+        # 4-bit gate/up dequantized in one launch (a replay below reads neither weight).
+        with grouped_weights(_fused_bases(self, ("gate_proj", "up_proj"))):
+            gate, up = _project(self, x, ("gate_proj", "up_proj"))
         if stash is not None:  # first forward of a layer that keeps its gate/up outputs (host or GPU memory)
             stash.keep(gate)
             stash.keep(up)
@@ -68,6 +76,13 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _fused(module: nn.Module) -> bool:
     return isinstance(module, LoRALinear) and module.fused and not module.merged
+
+
+def _fused_bases(module: nn.Module, names: tuple[str, ...]) -> list:
+    """The frozen bases of ``module``'s fused LoRA projections among ``names`` (those whose weight the
+    fused path reads through ``base_weight``)."""
+    projections = [getattr(module, name, None) for name in names]
+    return [p.base_layer for p in projections if _fused(p)]
 
 
 def _project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...], values: list | None = None) -> list:
@@ -129,8 +144,14 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     """transformers' Llama/Qwen2/Qwen3/Mistral attention forward with RoPE from ``rope_qk``.
 
     The KV cache is named ``cache`` in transformers >= 5.2x and ``past_key_values`` before; with one (or
-    any call shape not seen in training) the model's own forward runs.
+    any call shape not seen in training) the model's own forward runs. 4-bit q/k/v/o weights are
+    dequantized in one launch for the block (:func:`~deftune.kernels.lora_linear.grouped_weights`).
     """
+    with grouped_weights(_fused_bases(self, ("q_proj", "k_proj", "v_proj", "o_proj"))):
+        return _attention_body(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+
+
+def _attention_body(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_embeddings is None or args:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
