@@ -660,12 +660,14 @@ def test_mlp_backward_gets_no_zero_gradient_for_the_product(monkeypatch):
 
 def test_lora_group_matches_separate_layers_with_mixed_ranks_bias_and_an_unused_output():
     """lora_group (projections sharing x: one rank GEMM, one dx buffer) == each plain LoRALinear on its
-    own: outputs, dx, every dA/dB; ranks may differ; an output that reaches no loss gives zero dB."""
+    own: outputs, dx, every dA/dB; ranks and scalings may differ; an output that reaches no loss gives
+    zero dB."""
     from deftune.kernels.lora_linear import lora_group
 
     torch.manual_seed(0)
-    plain = [LoRALinear(torch.nn.Linear(24, out, bias=bias).requires_grad_(False), rank=r, alpha=8.0)
-             for out, r, bias in ((16, 4, True), (8, 2, False), (8, 6, True))]
+    # Scalings 2, 1 (alpha = r: no multiply in the dB path) and 4/3.
+    plain = [LoRALinear(torch.nn.Linear(24, out, bias=bias).requires_grad_(False), rank=r, alpha=alpha)
+             for out, r, bias, alpha in ((16, 4, True, 8.0), (8, 2, False, 2.0), (8, 6, True, 8.0))]
     for p in plain:
         torch.nn.init.normal_(p.lora_B.weight)
     fused = copy.deepcopy(plain)

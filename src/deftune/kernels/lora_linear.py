@@ -172,6 +172,12 @@ def _cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.
     return value
 
 
+def _scaled(product: torch.Tensor, scale: float) -> torch.Tensor:
+    """``product * scale``, without the multiply kernel when the scale is 1 (alpha = r, the common LoRA
+    setting): a launch saved per factor gradient and step on a host-bound step, the same values."""
+    return product if scale == 1.0 else product * scale
+
+
 def _cast_cat(params, dtype: torch.dtype) -> torch.Tensor:
     """``torch.cat([p.to(dtype) for p in params])`` (rank axis), cached like :func:`_cast`."""
     if any(p.is_inference() for p in params):
@@ -239,7 +245,7 @@ class LoRADeltaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             da = (du.t() @ x2).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
-            db = ((dy2.t() @ u) * s).to(lora_b.dtype)
+            db = _scaled(dy2.t() @ u, s).to(lora_b.dtype)
         _forget(lora_a, lora_b)
         _drop_kept(ctx.base)
         return dx, da, db, None, None, None
@@ -346,7 +352,7 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
             else:
                 dy = dys[i].to(dtype)
                 dus.append(dy @ _cast(b, dtype, s))
-                dbs.append(((dy.t() @ u[:, start:start + width]) * s).to(b.dtype))
+                dbs.append(_scaled(dy.t() @ u[:, start:start + width], s).to(b.dtype))
             start += width
         du = torch.cat(dus, 1)
         dx = None
@@ -356,8 +362,11 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
                 if dy is not None:
                     dx.addmm_(dy.to(dtype), backward_weight(base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
-        das = list((du.t() @ x2).split([a.shape[0] for a in lora_as], 0))
-        das = [d.to(a.dtype) for d, a in zip(das, lora_as)]
+        # One cast of the stacked dA (the factors share a dtype): one launch instead of one per projection.
+        da_all = du.t() @ x2
+        if len({a.dtype for a in lora_as}) == 1:
+            da_all = da_all.to(lora_as[0].dtype)
+        das = [d.to(a.dtype) for d, a in zip(da_all.split([a.shape[0] for a in lora_as], 0), lora_as)]
         _forget(*factors)
         _drop_kept(*ctx.bases)
         return (dx, None, None, None, *das, *dbs)
@@ -422,7 +431,7 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
         dtype = hu.dtype
         dy2 = dy2.to(dtype)
         du = dy2 @ _cast(lora_b, dtype, s)
-        db = ((dy2.t() @ hu) * s).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
+        db = _scaled(dy2.t() @ hu, s).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
         width = gate.shape[-1]
         g2, u2 = gate.contiguous().reshape(-1, width), up.contiguous().reshape(-1, width)
         w0, a = backward_weight(ctx.base).to(dtype), _cast(lora_a, dtype)
