@@ -381,7 +381,9 @@ def main() -> int:
                 row["model_tflops"] = round(flops["useful"] * row["tok_s"] / 1e12, 1)
         result["rows"].append(row)
         print(f"    {row['name'] + (f' #{round_no}' if a.rounds > 1 else ''):<28} {row.get('status'):<12} tok/s {row.get('tok_s', '-'):>10}  "
-              f"peak {row.get('peak_gib', '-')} GiB  mfu {row.get('mfu', '-')}  {row.get('error', '')[:200]}",
+              f"peak {row.get('peak_gib', '-')} GiB  mfu {row.get('mfu', '-')}"
+              + (f"  host {row['host_launch_ms'].get('total')} ms" if row.get("host_launch_ms") else "")
+              + f"  {row.get('error', '')[:200]}",
               flush=True)
         save()
 
