@@ -70,8 +70,8 @@ def row_plan(precisions: list[int], offload: bool, primary_set: tuple[str, ...] 
              variants: tuple[tuple[str, list[str]], ...] = (), primary_set4: tuple[str, ...] = ()) -> list[dict]:
     """(name, precision, runner args) in the order they run: what the targets need first. ``primary_set``:
     recipe overrides of the primary deftune rows (``primary_set4``: more for the 4-bit one only);
-    ``variants``: extra deftune fast rows (16-bit, then nf4) with their own overrides, run right after the
-    primary rows."""
+    ``variants``: extra deftune fast rows (16-bit, then nf4), each the primary row of its precision plus
+    its own overrides (given last, so they win) or environment, run right after the primary rows."""
     dt = ["_deftune_step.py"]
     fast16 = {"name": "deftune fast", "precision": 16, "primary": True,
               "cmd": dt + ["--fast", "1", "--quantize", "none", "--offload", str(int(offload))] + _sets(primary_set)}
@@ -80,7 +80,8 @@ def row_plan(precisions: list[int], offload: bool, primary_set: tuple[str, ...] 
              + _sets(primary_set) + _sets(primary_set4)}
     extra = [{"name": f"deftune fast{' nf4' if prec == 4 else ''} {label}", "precision": prec,
               "cmd": dt + ["--fast", "1", "--quantize", "nf4" if prec == 4 else "none", "--offload",
-                           str(int(offload))] + _sets([kv for kv in kvs if not kv.startswith("env:")]),
+                           str(int(offload))] + _sets(primary_set) + _sets(primary_set4 if prec == 4 else ())
+              + _sets([kv for kv in kvs if not kv.startswith("env:")]),
               "env": dict(kv[len("env:"):].split("=", 1) for kv in kvs if kv.startswith("env:"))}
              for prec in (16, 4) for label, kvs in variants]
     plan = [

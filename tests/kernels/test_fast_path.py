@@ -882,6 +882,15 @@ def test_grouped_dequantization_launches_once_per_block_with_the_same_results(mo
         assert torch.equal(results[ll.GROUP_BYTES][2][name], grad), name
 
 
+def test_group_size_from_the_environment_is_checked():
+    from deftune.kernels.lora_linear import _group_bytes
+
+    assert _group_bytes("128") == 128 * 2**20 and _group_bytes("0") == 0
+    for bad in ("lots", "-1", "nan"):
+        with pytest.raises(ValueError, match="DEFTUNE_NF4_GROUP_MIB"):
+            _group_bytes(bad)
+
+
 def test_reuse_dequantized_is_checked():
     from deftune.config import recipe_from_dict
 

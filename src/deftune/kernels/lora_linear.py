@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import weakref
 
 import torch
@@ -59,7 +60,18 @@ _GROUPED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("deftune_
 # ~40-50 us (Triton's launcher) whatever the weight's size; grouping q/k/v/o (4 -> 1 launch) and gate/up
 # (2 -> 1) matters where the host bounds the step (1B: 21 and 67 MB), while at 8B (80 MB for attention,
 # 235 MB for gate/up) the GEMMs are long enough to hide the launches and the memory is worth more.
-GROUP_BYTES = 128 * 2**20
+# DEFTUNE_NF4_GROUP_MIB overrides it (0: one launch per projection, e.g. for a same-call benchmark).
+def _group_bytes(text: str) -> int:
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0:
+        raise ValueError(f"DEFTUNE_NF4_GROUP_MIB must be a number of MiB >= 0, got {text!r}")
+    return int(mib * 2**20)
+
+
+GROUP_BYTES = _group_bytes(os.environ.get("DEFTUNE_NF4_GROUP_MIB", "128"))
 
 
 @contextlib.contextmanager
