@@ -20,7 +20,8 @@
 set -uo pipefail
 OUTDIR=${1:?usage: bash bench/gpu_issue6.sh OUTDIR}
 PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), parity (bench/loss_parity.py), kernels (bench/kernels_vs_liger.py),
-# pcie (bench/pcie_bandwidth.py), t1b (the 1B targets, 2 rounds: B1=420 fits one call), t8b (8B targets)
+# pcie (bench/pcie_bandwidth.py), t1b (the 1B targets, 2 rounds: B1=420 fits one call), t8b (8B targets),
+# ab1b (1B A/B of DEFTUNE_FAST_LAUNCH and NF4 grouping, 2 rounds: B1=540)
 # Extra gpu_peers arguments per shape (the environment cannot carry bash arrays): one string each,
 # split on '|', e.g. ARGS1='--only|deftune fast,unsloth|--variants|mlp8:train.offload_mlp_layers=8'
 IFS='|' read -r -a ARGS1 <<< "${ARGS1:-}"
@@ -85,6 +86,16 @@ for part in $PARTS; do
         --only "deftune fast,unsloth,deftune fast nf4,unsloth 4bit" --out "$OUTDIR/gpu_peers_llama-1b.json" \
         "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
       ;;
+    ab1b)
+      # 1B A/B in 2 rounds: cached Triton launches (fl) and one NF4 launch per projection (ng) against
+      # the primary recipe, beside Unsloth. B1=540 fits one call (~245 s a round).
+      say "gpu_peers llama-1b A/B: fast launch, NF4 grouping (budget ${B1}s)"
+      timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
+        --budget-s "$B1" --rounds 2 --set train.checkpoint_skip=2 --set4 train.reuse_dequantized=true \
+        --variants "fl:env:DEFTUNE_FAST_LAUNCH=1;ng:env:DEFTUNE_NF4_GROUP_MIB=0" \
+        --only "deftune fast,deftune fast fl,unsloth,deftune fast nf4,deftune fast nf4 fl,deftune fast nf4 ng,unsloth 4bit" \
+        --out "$OUTDIR/gpu_peers_llama-1b.json" "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
+      ;;
     t8b)
       # The 8B targets (one round: two would not fit one call) + reuse_dequantized's 4-bit row beside them.
       say "gpu_peers llama-8b targets (budget ${B8}s)"
@@ -94,7 +105,7 @@ for part in $PARTS; do
         --only "deftune fast,unsloth,deftune fast nf4,unsloth 4bit,deftune fast nf4 rd" \
         --out "$OUTDIR/gpu_peers_llama-8b.json" "${ARGS8[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
       ;;
-    *) say "unknown part $part (known: gputests parity kernels pcie 1b t1b 8b t8b long)"; rc=2 ;;
+    *) say "unknown part $part (known: gputests parity kernels pcie 1b t1b ab1b 8b t8b long)"; rc=2 ;;
   esac
   say "$part finished (exit $rc; 124 = hard timeout, the JSON keeps the rows done before it)"
 done
