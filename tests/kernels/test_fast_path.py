@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -880,6 +883,44 @@ def test_grouped_dequantization_launches_once_per_block_with_the_same_results(mo
     assert results[0][0] == results[ll.GROUP_BYTES][0]
     for name, grad in results[0][2].items():
         assert torch.equal(results[ll.GROUP_BYTES][2][name], grad), name
+
+
+_GROUPED_THROUGH_KERNELS = """
+import sys
+import torch
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import test_fast_path as t
+from deftune.kernels import _nf4_triton, offload
+from deftune.kernels import lora_linear as ll
+
+groups = []
+real = _nf4_triton.dequantize_nf4_double_group_triton
+_nf4_triton.dequantize_nf4_double_group_triton = lambda w, *a, **k: groups.append(len(w)) or real(w, *a, **k)
+results = {}
+for cap in (0, ll.GROUP_BYTES):
+    ll.GROUP_BYTES = cap
+    model = t._nf4_lora_model()
+    assert offload.wrap_decoder_layers(model) == 2
+    results[cap] = t._loss_and_grads(model, t._batch())
+assert groups == [4, 2] * 4, groups  # forward and recompute of 2 layers, in the grouped run only
+assert results[0][0] == results[cap][0]
+for name, grad in results[0][2].items():
+    assert torch.equal(results[cap][2][name], grad), name
+print("ok")
+"""
+
+
+def test_grouped_dequantization_through_the_kernels_matches_one_launch_per_projection():
+    """The same as above through the Triton kernels (compiled on a GPU, Triton's interpreter on CPU) inside
+    the patched, offloaded model: the group kernel runs, and loss and gradients equal one launch per
+    projection. In a fresh process: Triton fixes a kernel's mode (interpreted or compiled) when the kernel
+    is defined, and this file's other tests run the references with the interpreter off."""
+    pytest.importorskip("triton", reason="the kernels need triton (extra: deftune[kernels])")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "TRITON_INTERPRET": "0" if torch.cuda.is_available() else "1"}
+    out = subprocess.run([sys.executable, "-c", _GROUPED_THROUGH_KERNELS, str(here), str(here.parent)],
+                         capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_group_size_from_the_environment_is_checked():
