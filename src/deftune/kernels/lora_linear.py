@@ -42,8 +42,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from deftune.kernels.offload import recomputing
 from deftune.kernels.swiglu import swiglu_backward_with_values_, swiglu_values
 
-__all__ = ["base_weight", "compute_dtype", "grouped_weights", "lora_group", "lora_linear", "lora_linear_given", "run_dtype",
-           "swiglu_lora_linear"]
+__all__ = ["base_weight", "compute_dtype", "grouped_weights", "lora_group", "lora_linear", "lora_linear_given",
+           "run_dtype", "swiglu_lora_linear"]
 
 
 # 4-bit bases of offloaded layers under ``train.reuse_dequantized``: the weight dequantized for a layer's
