@@ -49,7 +49,9 @@ for part in $PARTS; do
   case $part in
     gputests)
       say "pytest -m gpu"
-      timeout -k 5 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUTDIR/pytest_gpu.log"; rc=${PIPESTATUS[0]}
+      # GPU_TESTS_K: a pytest -k expression to run only some (e.g. "nf4 or fast_launch or group").
+      timeout -k 5 240 $PY -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests 2>&1 \
+        | tail -25 | tee "$OUTDIR/pytest_gpu.log"; rc=${PIPESTATUS[0]}
       ;;
     parity)
       say "loss_parity llama-1b (50 steps, deftune fast vs HF+PEFT)"

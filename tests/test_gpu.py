@@ -69,7 +69,8 @@ def test_nf4_double_dequantize_kernel_at_an_8b_mlp_shape():
 
 def test_nf4_group_kernel_equals_one_launch_per_weight_on_cuda():
     """The group kernel compiled on the card (a 1B attention block's q/k/v/o in one launch): every weight
-    bit for bit what its own launch gives (the same program per block; both may use the FMA)."""
+    what its own launch gives -- the same program per block, so bit for bit unless the compiler contracts
+    k * step + m into an FMA in one kernel and not the other (then a rare bf16 rounding moves)."""
     from deftune.kernels._nf4_triton import dequantize_nf4_double_group_triton, dequantize_nf4_double_triton
     from deftune.models.quantize import ABSMAX_BLOCK_SIZE, quantize_nf4
 
@@ -81,7 +82,9 @@ def test_nf4_group_kernel_equals_one_launch_per_weight_on_cuda():
                         shape[0] * shape[1]))
     got = dequantize_nf4_double_group_triton(weights, torch.bfloat16, ABSMAX_BLOCK_SIZE)
     for g, w in zip(got, weights):
-        assert torch.equal(g, dequantize_nf4_double_triton(*w, torch.bfloat16, ABSMAX_BLOCK_SIZE))
+        want = dequantize_nf4_double_triton(*w, torch.bfloat16, ABSMAX_BLOCK_SIZE)
+        torch.testing.assert_close(g.float(), want.float(), atol=0.0, rtol=2**-7)
+        assert (g != want).float().mean() < 1e-3
 
 
 def test_fast_launches_replay_every_kernel_exactly_on_cuda(monkeypatch):

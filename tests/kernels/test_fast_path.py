@@ -903,9 +903,16 @@ for cap in (0, ll.GROUP_BYTES):
     assert offload.wrap_decoder_layers(model) == 2
     results[cap] = t._loss_and_grads(model, t._batch())
 assert groups == [4, 2] * 4, groups  # forward and recompute of 2 layers, in the grouped run only
-assert results[0][0] == results[cap][0]
-for name, grad in results[0][2].items():
-    assert torch.equal(results[cap][2][name], grad), name
+if torch.cuda.is_available():
+    # Compiled, the two kernels may contract k * step + m into an FMA differently: a last-bit difference
+    # in a rare absmax moves a bf16 rounding, not the result.
+    torch.testing.assert_close(torch.tensor(results[cap][0]), torch.tensor(results[0][0]), rtol=1e-3, atol=0)
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(results[cap][2][name], grad, rtol=2e-2, atol=1e-6, msg=name)
+else:
+    assert results[0][0] == results[cap][0]
+    for name, grad in results[0][2].items():
+        assert torch.equal(results[cap][2][name], grad), name
 print("ok")
 """
 
@@ -915,6 +922,17 @@ def test_grouped_dequantization_through_the_kernels_matches_one_launch_per_proje
     the patched, offloaded model: the group kernel runs, and loss and gradients equal one launch per
     projection. In a fresh process: Triton fixes a kernel's mode (interpreted or compiled) when the kernel
     is defined, and this file's other tests run the references with the interpreter off."""
+    _grouped_through_kernels()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_dequantization_through_the_kernels_on_cuda():
+    """The same on the card (selected by ``pytest -m gpu``)."""
+    _grouped_through_kernels()
+
+
+def _grouped_through_kernels() -> None:
     pytest.importorskip("triton", reason="the kernels need triton (extra: deftune[kernels])")
     here = Path(__file__).resolve().parent
     env = {**os.environ, "TRITON_INTERPRET": "0" if torch.cuda.is_available() else "1"}
