@@ -746,13 +746,13 @@ def test_base_gemm_accumulates_into_the_adapter_term_in_place(monkeypatch):
     b = torch.nn.Parameter(0.1 * torch.randn(16, 4))
     x = torch.randn(5, 24, requires_grad=True)
     seen = {}
-    real = ll.LoRADeltaFunction.forward
+    real = ll.LoRAGroupDeltaFunction.forward
 
     def spy(ctx, *args):
-        seen["low"] = real(ctx, *args)
-        return seen["low"]
+        (seen["low"],) = lows = real(ctx, *args)
+        return lows
 
-    monkeypatch.setattr(ll.LoRADeltaFunction, "forward", staticmethod(spy))
+    monkeypatch.setattr(ll.LoRAGroupDeltaFunction, "forward", staticmethod(spy))
     y = ll.lora_linear(x, base, a, b, 2.0)
     assert y.data_ptr() == seen["low"].data_ptr()
     xr, ar, br = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
@@ -763,6 +763,25 @@ def test_base_gemm_accumulates_into_the_adapter_term_in_place(monkeypatch):
     ref.backward(g)
     for got, want in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
         torch.testing.assert_close(got, want)
+
+
+def test_frozen_factors_get_no_gradient_and_the_others_the_right_one():
+    """A factor that does not require grad (a frozen stage, or A kept fixed) gets none; dx and the other
+    factor's gradient still match autograd's."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=False).requires_grad_(False)
+    a = 0.1 * torch.randn(4, 24)  # frozen
+    b = torch.nn.Parameter(0.1 * torch.randn(16, 4))
+    x = torch.randn(5, 24, requires_grad=True)
+    y = lora_linear(x, base, a, b, 2.0)
+    xr, br = x.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    ref = base(xr) + (xr @ a.t() @ br.t()) * 2.0
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    assert a.grad is None
+    torch.testing.assert_close(b.grad, br.grad)
+    torch.testing.assert_close(x.grad, xr.grad)
 
 
 def test_lora_factor_casts_work_for_inference_tensors():

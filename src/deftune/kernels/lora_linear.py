@@ -1,4 +1,4 @@
-"""LoRA linear layer whose backward works in rank space (two small autograd Functions).
+"""LoRA linear layer whose backward works in rank space (small autograd Functions).
 
 LoRA (Hu et al. 2021, arXiv:2106.09685) with a frozen base W0 [out, in], A [r, in], B [out, r]:
 
@@ -192,6 +192,8 @@ def _scaled(product: torch.Tensor, scale: float) -> torch.Tensor:
 
 def _cast_cat(params, dtype: torch.dtype) -> torch.Tensor:
     """``torch.cat([p.to(dtype) for p in params])`` (rank axis), cached like :func:`_cast`."""
+    if len(params) == 1:
+        return _cast(params[0], dtype)
     if any(p.is_inference() for p in params):
         with torch.no_grad():
             return torch.cat([p.to(dtype) for p in params], 0)
@@ -212,60 +214,9 @@ def _forget(*params: torch.Tensor) -> None:
         _CAT_CASTS.pop(p, None)
 
 
-class LoRADeltaFunction(torch.autograd.Function):
-    """The adapter's term ``s (x A^T) B^T (+ b)``; its backward returns the *whole* dx (base included).
-
-    Saves x and u. Split from the base GEMM (:class:`FrozenAddmmFunction`, which saves nothing) so that
-    under non-reentrant checkpointing the last tensors a layer saves are saved *before* its last big GEMM:
-    torch stops a recompute as soon as every saved tensor is back (``early_stop``), so the MLP's down
-    projection -- whose output backward never reads -- is not recomputed at all.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling, dtype):
-        xc = x.to(dtype)
-        x2 = xc.reshape(-1, xc.shape[-1])
-        u = x2 @ _cast(lora_a, dtype).t()
-        # s folded into the [out, r] factor; the sum with x W0^T happens in the base GEMM's epilogue.
-        low = u @ _cast(lora_b, dtype, scaling).t()
-        if base.bias is not None:
-            low = low + base.bias.to(dtype)
-        ctx.base = base
-        ctx.scaling = scaling
-        ctx.x_dtype = x.dtype
-        # The factors ride on ctx, not through save_for_backward: a checkpoint's saved-tensor hooks would hand
-        # backward detached aliases of them, which miss the cast cache (and pass through the offload hooks).
-        ctx.factors = (lora_a, lora_b)
-        ctx.save_for_backward(xc, u)
-        return low
-
-    @staticmethod
-    def backward(ctx, dy2):
-        xc, u = ctx.saved_tensors
-        lora_a, lora_b = ctx.factors
-        s = ctx.scaling
-        dtype = xc.dtype
-        dy2 = dy2.to(dtype)
-        x2 = xc.reshape(-1, xc.shape[-1])
-        du = dy2 @ _cast(lora_b, dtype, s)
-        dx = da = db = None
-        if ctx.needs_input_grad[0]:
-            # dU A first (rank-r GEMM), then dy W0 accumulated onto it in place (the big GEMM's epilogue
-            # reads and writes the same buffer: one [.., in] tensor instead of two).
-            dx = (du @ _cast(lora_a, dtype)).addmm_(dy2, backward_weight(ctx.base).to(dtype))
-            dx = dx.reshape(xc.shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            da = (du.t() @ x2).to(lora_a.dtype)
-        if ctx.needs_input_grad[2]:
-            db = _scaled(dy2.t() @ u, s).to(lora_b.dtype)
-        _forget(lora_a, lora_b)
-        _drop_kept(ctx.base)
-        return dx, da, db, None, None, None
-
-
 class FrozenAddmmFunction(torch.autograd.Function):
     """``low + x W0^T`` for a frozen W0, saving nothing: its gradient reaches x through ``low``'s
-    function (:class:`LoRADeltaFunction` computes dx = dy W0 + dU A in one GEMM)."""
+    function (:class:`LoRAGroupDeltaFunction` computes dx = dU A + sum_i dy_i W0_i in one buffer)."""
 
     @staticmethod
     def forward(ctx, low, x2, w0):
@@ -306,7 +257,7 @@ def lora_linear_given(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lo
     """:func:`lora_linear`; when ``value`` (the output, [..., out]) is given the base GEMM is skipped and
     ``value`` returned, with the same graph and saved tensors as a full call (for recomputation)."""
     dtype = run_dtype(x, base) if value is None else value.dtype
-    low = LoRADeltaFunction.apply(x, lora_a, lora_b, base, scaling, dtype)
+    (low,) = LoRAGroupDeltaFunction.apply(x, dtype, (base,), (scaling,), lora_a, lora_b)
     x2 = x.detach().to(dtype).reshape(-1, x.shape[-1])
     if value is None:
         # W0 read (dequantized, for a 4-bit base) after the last save: a recompute stops before this.
@@ -325,7 +276,14 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
         dA = dU^T x   (one GEMM, x read once),   dB_i = s_i dy_i^T u_i,
         dx = dU A + sum_i dy_i W0_i   (one buffer: the base GEMMs accumulate into it in place)
 
-    instead of n separate dx tensors summed by autograd. Saves x and u only.
+    instead of n separate dx tensors summed by autograd (n = 1: a single projection). Saves x and u only.
+
+    Split from the base GEMMs (:class:`FrozenAddmmFunction`, which saves nothing) so that under
+    non-reentrant checkpointing the last tensors a layer saves are saved *before* its last big GEMM: torch
+    stops a recompute as soon as every saved tensor is back (``early_stop``), so a GEMM whose output
+    backward never reads (the MLP's down projection) is not recomputed at all. The factors ride on ctx, not
+    through save_for_backward: a checkpoint's saved-tensor hooks would hand backward detached aliases of
+    them, which miss the cast cache (and pass through the offload hooks).
     """
 
     @staticmethod
@@ -343,7 +301,7 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
             lows.append(low)
             start += a.shape[0]
         ctx.bases, ctx.scalings, ctx.x_dtype = bases, scalings, x.dtype
-        ctx.factors = factors  # on ctx, not saved: see LoRADeltaFunction.forward
+        ctx.factors = factors  # on ctx, not saved (see the class docstring)
         ctx.save_for_backward(xc, u)
         return tuple(lows)
 
@@ -355,18 +313,19 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
         lora_as, lora_bs = factors[:n], factors[n:]
         dtype = xc.dtype
         x2 = xc.reshape(-1, xc.shape[-1])
+        wants_a, wants_b = ctx.needs_input_grad[4:4 + n], ctx.needs_input_grad[4 + n:]
         dus, dbs, start = [], [], 0
         for i, (s, a, b) in enumerate(zip(ctx.scalings, lora_as, lora_bs)):
             width = a.shape[0]
             if dys[i] is None:  # an output that reached no loss
                 dus.append(u.new_zeros(u.shape[0], width))
-                dbs.append(torch.zeros_like(b))
+                dbs.append(torch.zeros_like(b) if wants_b[i] else None)
             else:
                 dy = dys[i].to(dtype)
                 dus.append(dy @ _cast(b, dtype, s))
-                dbs.append(_scaled(dy.t() @ u[:, start:start + width], s).to(b.dtype))
+                dbs.append(_scaled(dy.t() @ u[:, start:start + width], s).to(b.dtype) if wants_b[i] else None)
             start += width
-        du = torch.cat(dus, 1)
+        du = dus[0] if n == 1 else torch.cat(dus, 1)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = du @ _cast_cat(lora_as, dtype)
@@ -374,11 +333,14 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
                 if dy is not None:
                     dx.addmm_(dy.to(dtype), backward_weight(base).to(dtype))
             dx = dx.reshape(xc.shape).to(ctx.x_dtype)
-        # One cast of the stacked dA (the factors share a dtype): one launch instead of one per projection.
-        da_all = du.t() @ x2
-        if len({a.dtype for a in lora_as}) == 1:
-            da_all = da_all.to(lora_as[0].dtype)
-        das = [d.to(a.dtype) for d, a in zip(da_all.split([a.shape[0] for a in lora_as], 0), lora_as)]
+        das = [None] * n
+        if any(wants_a):
+            # One cast of the stacked dA (the factors share a dtype): one launch instead of one per projection.
+            da_all = du.t() @ x2
+            if len({a.dtype for a in lora_as}) == 1:
+                da_all = da_all.to(lora_as[0].dtype)
+            das = [d.to(a.dtype) if want else None
+                   for d, a, want in zip(da_all.split([a.shape[0] for a in lora_as], 0), lora_as, wants_a)]
         _forget(*factors)
         _drop_kept(*ctx.bases)
         return (dx, None, None, None, *das, *dbs)
@@ -428,7 +390,7 @@ class SwiGLULoRADeltaFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(h2)
         # h2 never gets a gradient: without this autograd would hand backward a [T, I] tensor of zeros.
         ctx.set_materialize_grads(False)
-        ctx.factors = (lora_a, lora_b)  # on ctx, not saved: see LoRADeltaFunction.forward
+        ctx.factors = (lora_a, lora_b)  # on ctx, not saved: see LoRAGroupDeltaFunction
         ctx.save_for_backward(gate, up, hu)
         return low, h2
 
