@@ -89,13 +89,13 @@ for part in $PARTS; do
         "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
       ;;
     ab1b)
-      # 1B A/B in 2 rounds: cached Triton launches (fl) and one NF4 launch per projection (ng) against
-      # the primary recipe, beside Unsloth. B1=540 fits one call (~245 s a round).
+      # 1B A/B in 2 rounds: cached Triton launches (fl) and NF4 grouping (gr, DEFTUNE_NF4_GROUP_MIB=128;
+      # off by default since d25b801's A/B) against the primary recipe, beside Unsloth. B1=540 fits one call (~245 s a round).
       say "gpu_peers llama-1b A/B: fast launch, NF4 grouping (budget ${B1}s)"
       timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
         --budget-s "$B1" --rounds 2 --set train.checkpoint_skip=2 --set4 train.reuse_dequantized=true \
-        --variants "fl:env:DEFTUNE_FAST_LAUNCH=1;ng:env:DEFTUNE_NF4_GROUP_MIB=0" \
-        --only "deftune fast,deftune fast fl,unsloth,deftune fast nf4,deftune fast nf4 fl,deftune fast nf4 ng,unsloth 4bit" \
+        --variants "fl:env:DEFTUNE_FAST_LAUNCH=1;gr:env:DEFTUNE_NF4_GROUP_MIB=128" \
+        --only "deftune fast,deftune fast fl,unsloth,deftune fast nf4,deftune fast nf4 fl,deftune fast nf4 gr,unsloth 4bit" \
         --out "$OUTDIR/gpu_peers_llama-1b.json" "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
       ;;
     t8b)

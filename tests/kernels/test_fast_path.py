@@ -888,7 +888,8 @@ def test_grouped_dequantization_launches_once_per_block_with_the_same_results(mo
                         lambda weights, *a, **k: launches.append(len(weights)) or real_group(weights, *a, **k))
     batch = _batch()
     results, counts = {}, {}
-    for cap in (0, ll.GROUP_BYTES):
+    grouped = ll._group_bytes("128")  # the opt-in value (DEFTUNE_NF4_GROUP_MIB=128); the default is 0
+    for cap in (0, grouped):
         monkeypatch.setattr(ll, "GROUP_BYTES", cap)
         model = _nf4_lora_model()
         assert offload.wrap_decoder_layers(model) == 2
@@ -898,10 +899,10 @@ def test_grouped_dequantization_launches_once_per_block_with_the_same_results(mo
         assert ll._GROUPED.get() is None
     # (launches, weights): forward 2 x 7, recompute 2 x 6, backward 11 (layer 0's q/k/v need no dx)
     assert counts[0] == (37, 37)
-    assert counts[ll.GROUP_BYTES] == (2 * 3 + 2 * 2 + 11, 37)
-    assert results[0][0] == results[ll.GROUP_BYTES][0]
+    assert counts[grouped] == (2 * 3 + 2 * 2 + 11, 37)
+    assert results[0][0] == results[grouped][0]
     for name, grad in results[0][2].items():
-        assert torch.equal(results[ll.GROUP_BYTES][2][name], grad), name
+        assert torch.equal(results[grouped][2][name], grad), name
 
 
 _GROUPED_THROUGH_KERNELS = """
@@ -916,7 +917,7 @@ groups = []
 real = _nf4_triton.dequantize_nf4_double_group_triton
 _nf4_triton.dequantize_nf4_double_group_triton = lambda w, *a, **k: groups.append(len(w)) or real(w, *a, **k)
 results = {}
-for cap in (0, ll.GROUP_BYTES):
+for cap in (0, ll._group_bytes("128")):
     ll.GROUP_BYTES = cap
     model = t._nf4_lora_model()
     assert offload.wrap_decoder_layers(model) == 2
@@ -961,7 +962,10 @@ def _grouped_through_kernels() -> None:
 
 
 def test_group_size_from_the_environment_is_checked():
-    from deftune.kernels.lora_linear import _group_bytes
+    from deftune.kernels.lora_linear import GROUP_BYTES, _group_bytes
+
+    if "DEFTUNE_NF4_GROUP_MIB" not in os.environ:
+        assert GROUP_BYTES == 0  # grouping is an opt-in (measured slower without cached launches)
 
     assert _group_bytes("128") == 128 * 2**20 and _group_bytes("0") == 0
     for bad in ("lots", "-1", "nan"):

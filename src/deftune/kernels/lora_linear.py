@@ -56,11 +56,14 @@ _KEPT_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # 4-bit bases of one block (an attention's q/k/v/o, an MLP's gate/up) dequantized together by
 # :func:`grouped_weights`, by id, each handed out once to :func:`base_weight` inside the block.
 _GROUPED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("deftune_grouped_weights", default=None)
-# Most bytes of dequantized weights a group may hold at once. One launch per projection costs the host
-# ~40-50 us (Triton's launcher) whatever the weight's size; grouping q/k/v/o (4 -> 1 launch) and gate/up
-# (2 -> 1) matters where the host bounds the step (1B: 21 and 67 MB), while at 8B (80 MB for attention,
-# 235 MB for gate/up) the GEMMs are long enough to hide the launches and the memory is worth more.
-# DEFTUNE_NF4_GROUP_MIB overrides it (0: one launch per projection, e.g. for a same-call benchmark).
+# Most bytes of dequantized weights a group may hold at once; 0 (the default) turns grouping off.
+# One launch per projection costs the host ~40-50 us (Triton's launcher) whatever the weight's size, and
+# grouping q/k/v/o (4 -> 1 launch) and gate/up (2 -> 1) was meant for where the host bounds the step (1B).
+# Measured on an H200 (bench/results/gpu_peers_llama-1b_ab_d25b801.json, 2 rounds): the group kernel's
+# own launch (28 arguments, each specialised by Triton's launcher) costs the host more than the launches
+# it saves -- host launch time 192-196 ms a 1B nf4 step grouped at 128 MiB against 176-180 ms without,
+# 65.2-66.4k against 67.0-68.0k tokens/s; with DEFTUNE_FAST_LAUNCH=1 the two are equal. So it stays an
+# opt-in: DEFTUNE_NF4_GROUP_MIB=128 groups blocks of up to 128 MiB.
 def _group_bytes(text: str) -> int:
     try:
         mib = float(text)
@@ -71,7 +74,7 @@ def _group_bytes(text: str) -> int:
     return int(mib * 2**20)
 
 
-GROUP_BYTES = _group_bytes(os.environ.get("DEFTUNE_NF4_GROUP_MIB", "128"))
+GROUP_BYTES = _group_bytes(os.environ.get("DEFTUNE_NF4_GROUP_MIB", "0"))
 
 
 @contextlib.contextmanager
