@@ -217,23 +217,18 @@ def _forget(*params: torch.Tensor) -> None:
         _CAT_CASTS.pop(p, None)
 
 
-def _base_gemm(low: torch.Tensor, x2: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-    """``low + x2 W0^T``, in place into ``low``: the GEMM's epilogue adds x W0^T onto it (beta = 1).
-    torch.addmm(low, ...) would first copy low into a new output -- a device-to-device copy of every
-    projection's [tokens, out] output, 13 per layer and step (4.6% of a 1B step on an H200, serialised
-    behind the offload's PCIe copies on the copy engine). low is always a fresh buffer read by nothing else."""
-    return low.addmm_(x2, w0.t())
-
-
 class FrozenAddmmFunction(torch.autograd.Function):
     """``low + x W0^T`` for a frozen W0, saving nothing: its gradient reaches x through ``low``'s
-    function (:class:`SwiGLULoRADeltaFunction` computes dh = dU A + dy W0 in one buffer). Only the down
-    projection runs its base GEMM as a Function of its own (see :class:`LoRAGroupDeltaFunction`)."""
+    function (:class:`LoRAGroupDeltaFunction` computes dx = dU A + sum_i dy_i W0_i in one buffer)."""
 
     @staticmethod
     def forward(ctx, low, x2, w0):
+        # In place: the GEMM's epilogue adds x W0^T onto low (beta = 1). torch.addmm(low, ...) would first
+        # copy low into a new output -- a device-to-device copy of every projection's [tokens, out] output,
+        # 13 per layer and step (4.6% of a 1B step on an H200, and serialised behind the offload's PCIe
+        # copies on the copy engine). low is the adapter Function's own fresh output, read by nothing else.
         ctx.mark_dirty(low)
-        return _base_gemm(low, x2, w0)
+        return low.addmm_(x2, w0.t())
 
     @staticmethod
     def backward(ctx, dy2):
@@ -241,9 +236,8 @@ class FrozenAddmmFunction(torch.autograd.Function):
 
 
 class GivenOutputFunction(torch.autograd.Function):
-    """Stands in for a projection's base GEMM when its output is already known (a copy kept from the first
-    forward, see :mod:`deftune.kernels.offload`): returns ``value``, its gradient passed on to ``low``'s
-    Function (which adds dy W0 to dx, as when it ran the GEMM itself)."""
+    """Stands in for :class:`FrozenAddmmFunction` when its output is already known (a copy kept from the
+    first forward, see :mod:`deftune.kernels.offload`): returns ``value`` with the same backward."""
 
     @staticmethod
     def forward(ctx, low, value):
@@ -265,20 +259,15 @@ def lora_linear_given(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lo
                       scaling: float, value: torch.Tensor | None) -> torch.Tensor:
     """:func:`lora_linear`; when ``value`` (the output, [..., out]) is given the base GEMM is skipped and
     ``value`` returned, with the same graph and saved tensors as a full call (for recomputation)."""
-    return _project_group(x, (base,), (scaling,), [lora_a, lora_b], None if value is None else [value])[0]
-
-
-def _project_group(x: torch.Tensor, bases: tuple, scalings: tuple, factors: list,
-                   values: list | None) -> list[torch.Tensor]:
-    """``[x W0_i^T + b_i + s_i (x A_i^T) B_i^T]`` through one :class:`LoRAGroupDeltaFunction` that runs
-    the base GEMMs too, or, with ``values`` (the outputs, known already), the same Function without
-    them and each value handed back by :class:`GivenOutputFunction` (the same saved tensors)."""
-    dtype = run_dtype(x, bases[0]) if values is None else values[0].dtype
-    ys = LoRAGroupDeltaFunction.apply(x, dtype, bases, scalings, values is None, *factors)
-    if values is not None:
-        ys = [GivenOutputFunction.apply(low, v.reshape(low.shape[0], -1)) for low, v in zip(ys, values)]
-    lead = x.shape[:-1]
-    return [y.reshape(*lead, y.shape[-1]) for y in ys]
+    dtype = run_dtype(x, base) if value is None else value.dtype
+    (low,) = LoRAGroupDeltaFunction.apply(x, dtype, (base,), (scaling,), lora_a, lora_b)
+    x2 = x.detach().to(dtype).reshape(-1, x.shape[-1])
+    if value is None:
+        # W0 read (dequantized, for a 4-bit base) after the last save: a recompute stops before this.
+        y = FrozenAddmmFunction.apply(low, x2, base_weight(base).to(dtype))
+    else:
+        y = GivenOutputFunction.apply(low, value.reshape(low.shape[0], -1))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class LoRAGroupDeltaFunction(torch.autograd.Function):
@@ -292,21 +281,16 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
 
     instead of n separate dx tensors summed by autograd (n = 1: a single projection). Saves x and u only.
 
-    ``with_base``: the base GEMMs run here too, y_i = low_i + x W0_i^T accumulated in place into low_i
-    (:func:`_base_gemm`), so a projection is one Function call, not two: at 1B the forward is bound by
-    the host, where each autograd Function costs tens of microseconds. Their gradient, dy_i W0_i, is the
-    backward's already. The down projection alone keeps its base GEMM in a Function of its own
-    (:class:`FrozenAddmmFunction`): under non-reentrant checkpointing torch stops a recompute as soon as
-    every tensor the layer saves is back (``early_stop``), and the MLP's last save (in
-    :class:`SwiGLULoRADeltaFunction`) comes before that GEMM, whose output backward never reads -- so it
-    is never recomputed. Here every output is read by the rest of the layer, so nothing is lost. Without
-    ``with_base`` the outputs are the adapter terms alone (a recompute that is handed the outputs).
-    The factors ride on ctx, not through save_for_backward: a checkpoint's saved-tensor hooks would hand
-    backward detached aliases of them, which miss the cast cache (and pass through the offload hooks).
+    Split from the base GEMMs (:class:`FrozenAddmmFunction`, which saves nothing) so that under
+    non-reentrant checkpointing the last tensors a layer saves are saved *before* its last big GEMM: torch
+    stops a recompute as soon as every saved tensor is back (``early_stop``), so a GEMM whose output
+    backward never reads (the MLP's down projection) is not recomputed at all. The factors ride on ctx, not
+    through save_for_backward: a checkpoint's saved-tensor hooks would hand backward detached aliases of
+    them, which miss the cast cache (and pass through the offload hooks).
     """
 
     @staticmethod
-    def forward(ctx, x, dtype, bases, scalings, with_base, *factors):
+    def forward(ctx, x, dtype, bases, scalings, *factors):
         n = len(bases)
         lora_as, lora_bs = factors[:n], factors[n:]
         xc = x.to(dtype)
@@ -317,9 +301,6 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
             low = u[:, start:start + a.shape[0]] @ _cast(b, dtype, s).t()
             if base.bias is not None:
                 low = low + base.bias.to(dtype)
-            if with_base:
-                # W0 read (dequantized, for a 4-bit base) here, after u: one weight at a time is alive.
-                low = _base_gemm(low, x2, base_weight(base).to(dtype))
             lows.append(low)
             start += a.shape[0]
         ctx.bases, ctx.scalings, ctx.x_dtype = bases, scalings, x.dtype
@@ -335,7 +316,7 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
         lora_as, lora_bs = factors[:n], factors[n:]
         dtype = xc.dtype
         x2 = xc.reshape(-1, xc.shape[-1])
-        wants_a, wants_b = ctx.needs_input_grad[5:5 + n], ctx.needs_input_grad[5 + n:]
+        wants_a, wants_b = ctx.needs_input_grad[4:4 + n], ctx.needs_input_grad[4 + n:]
         dus, dbs, start = [], [], 0
         for i, (s, a, b) in enumerate(zip(ctx.scalings, lora_as, lora_bs)):
             width = a.shape[0]
@@ -365,15 +346,26 @@ class LoRAGroupDeltaFunction(torch.autograd.Function):
                    for d, a, want in zip(da_all.split([a.shape[0] for a in lora_as], 0), lora_as, wants_a)]
         _forget(*factors)
         _drop_kept(*ctx.bases)
-        return (dx, None, None, None, None, *das, *dbs)
+        return (dx, None, None, None, *das, *dbs)
 
 
 def lora_group(x: torch.Tensor, projections: list[nn.Module], values: list | None = None) -> list[torch.Tensor]:
-    """The outputs of fused LoRA ``projections`` (LoRALinear modules) that all read ``x``, through one
-    :class:`LoRAGroupDeltaFunction` (or the given ``values``, as in :func:`lora_linear_given`)."""
+    """The outputs of fused LoRA ``projections`` (LoRALinear modules) that all read ``x``, through
+    :class:`LoRAGroupDeltaFunction` and one saving-nothing base GEMM each (or the given ``values``, as in
+    :func:`lora_linear_given`)."""
+    bases = tuple(p.base_layer for p in projections)
+    dtype = run_dtype(x, bases[0]) if values is None else values[0].dtype
     factors = [p.lora_A.weight for p in projections] + [p.lora_B.weight for p in projections]
-    return _project_group(x, tuple(p.base_layer for p in projections), tuple(p.scaling for p in projections),
-                          factors, values)
+    lows = LoRAGroupDeltaFunction.apply(x, dtype, bases, tuple(p.scaling for p in projections), *factors)
+    x2 = x.detach().to(dtype).reshape(-1, x.shape[-1])
+    outs = []
+    for i, (low, base) in enumerate(zip(lows, bases)):
+        if values is None:
+            y = FrozenAddmmFunction.apply(low, x2, base_weight(base).to(dtype))
+        else:
+            y = GivenOutputFunction.apply(low, values[i].reshape(low.shape[0], -1))
+        outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+    return outs
 
 
 # One row block of the MLP backward's [rows, I] temporaries (64 MiB: 2.3k rows of Llama-3-8B's 14336 in
