@@ -90,7 +90,8 @@ for part in $PARTS; do
       ;;
     ab1b)
       # 1B A/B in 2 rounds: cached Triton launches (fl) and NF4 grouping (gr, DEFTUNE_NF4_GROUP_MIB=128;
-      # off by default since d25b801's A/B) against the primary recipe, beside Unsloth. B1=540 fits one call (~245 s a round).
+      # off by default since d25b801's A/B) against the primary recipe, beside Unsloth. B1=540 fits one
+      # call (~245 s a round).
       say "gpu_peers llama-1b A/B: fast launch, NF4 grouping (budget ${B1}s)"
       timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
         --budget-s "$B1" --rounds 2 --set train.checkpoint_skip=2 --set4 train.reuse_dequantized=true \

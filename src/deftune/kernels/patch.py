@@ -59,7 +59,8 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     stash = current_mlp_stash()
     if stash is None or stash.recording:
-        # 4-bit gate/up dequantized in one launch (a replay below reads neither weight).
+        # 4-bit gate/up dequantized in one launch when grouping is on (DEFTUNE_NF4_GROUP_MIB; a replay
+        # below reads neither weight).
         with grouped_weights(_fused_bases(self, ("gate_proj", "up_proj"))):
             gate, up = _project(self, x, ("gate_proj", "up_proj"))
         if stash is not None:  # first forward of a layer that keeps its gate/up outputs (host or GPU memory)
@@ -145,7 +146,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
     The KV cache is named ``cache`` in transformers >= 5.2x and ``past_key_values`` before; with one (or
     any call shape not seen in training) the model's own forward runs. 4-bit q/k/v/o weights are
-    dequantized in one launch for the block (:func:`~deftune.kernels.lora_linear.grouped_weights`).
+    dequantized in one launch for the block when grouping is on (opt-in, see
+    :func:`~deftune.kernels.lora_linear.grouped_weights`).
     """
     with grouped_weights(_fused_bases(self, ("q_proj", "k_proj", "v_proj", "o_proj"))):
         return _attention_body(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
