@@ -6,7 +6,7 @@
     python bench/_deftune_step.py --make --model-dir /tmp/deftune_bench_tiny --shape tiny --device cpu --bs 2 --seq 64
 
 Builds the model the way ``deftune.train`` does -- ``load_recipe`` overrides, ``models.load.load_model``,
-``api.prepare_model``, gradient checkpointing as in ``api.train`` -- then times steps made of deftune's
+``recipes.sft.prepare_model``, gradient checkpointing as in ``deftune.train`` -- then times steps made of deftune's
 loss (``train.loss.response_loss_sum`` under the trainer's autocast, labels = input ids), deftune's
 optimizer (``train.optim.build_optimizer``: fused AdamW on CUDA) and clipping at 1.0.
 3 warm-up + N timed steps; prints one ``BENCH_JSON`` line (median step, tokens/s, peak GiB).
@@ -80,10 +80,12 @@ def build(model_dir: str, device: str, fast: bool, quantize: str, offload: bool,
     overrides). Returns a dict."""
     import torch
 
-    from deftune import api
+    from deftune.models.load import resolve_device
+    from deftune.recipes import sft
+    from deftune.training.loop import seed_everything
     from deftune.config import load_recipe
     from deftune.models.load import load_model
-    from deftune.train.optim import build_optimizer
+    from deftune.training.optim import build_optimizer
 
     overrides, used, missing = recipe_overrides(model_dir, device, fast, quantize, offload, rank, seq)
     overrides += list(extra)
@@ -93,20 +95,20 @@ def build(model_dir: str, device: str, fast: bool, quantize: str, offload: bool,
     if reason:
         return {**info, "status": "unsupported", "error": reason}
     recipe = load_recipe(None, overrides)
-    dev = api.resolve_device(recipe.device)
-    api.seed_everything(recipe.train.seed)
+    dev = resolve_device(recipe.device)
+    seed_everything(recipe.train.seed)
     t0 = time.perf_counter()
     model, _tokenizer, _source = load_model(recipe.model, dev)
-    api.seed_everything(recipe.train.seed)
-    api.prepare_model(recipe, model, dev)
+    seed_everything(recipe.train.seed)
+    sft.prepare_model(recipe, model, dev)
     # Checkpointing exactly as api.train sets it up (offloading, when on, checkpoints the layers itself).
     offload = bool(getattr(recipe.train, "offload_activations", False))
-    checkpointing = api.enable_checkpointing(recipe, model)
+    checkpointing = sft.enable_checkpointing(recipe, model)
     model.config.use_cache = False
     info["checkpointing"] = "offloaded (deftune)" if offload else ("transformers" if checkpointing else "none")
     info["fast_path"] = _ensure_fast_path(model, recipe) if fast else None
     model.train()
-    trainable, total = api.count_params(model)
+    trainable, total = sft.count_params(model)
     optimizer, scheduler = build_optimizer(model, recipe.train, total_steps=1000)
     info.update(model=model, optimizer=optimizer, scheduler=scheduler, recipe=recipe, device=dev,
                 load_s=round(time.perf_counter() - t0, 1), trainable_m=round(trainable / 1e6, 2),
@@ -121,14 +123,14 @@ def _ensure_fast_path(model, recipe) -> dict:
     """What patched the model: deftune's api (when it applies ``model.fast`` itself) or, when the api does
     not call it yet, this runner through deftune's own ``kernels.patch.apply_fast_path``."""
     try:
-        from deftune.kernels.patch import apply_fast_path, is_fast
+        from deftune.fast_path.patch import apply_fast_path, fast_counts, is_fast
     except ImportError as exc:
-        return {"applied_by": "nobody", "error": f"deftune.kernels.patch missing: {exc}"}
+        return {"applied_by": "nobody", "error": f"deftune.fast_path.patch missing: {exc}"}
     if is_fast(model):
-        return {"applied_by": "deftune api", "counts": dict(getattr(model, "_deftune_fast_counts", {}))}
+        return {"applied_by": "deftune api", "counts": fast_counts(model)}
     lines: list[str] = []
     counts = apply_fast_path(model, log=lines.append)
-    return {"applied_by": "bench runner via deftune.kernels.patch.apply_fast_path (api did not apply it)",
+    return {"applied_by": "bench runner via deftune.fast_path.patch.apply_fast_path (api did not apply it)",
             "counts": counts, "log": lines}
 
 
@@ -136,8 +138,8 @@ def train_step(built: dict, input_ids) -> float:
     """One optimizer step of deftune's loss on ``input_ids`` (labels = inputs); returns the mean loss."""
     import torch
 
-    from deftune.train.loop import autocast_context
-    from deftune.train.loss import response_loss_sum
+    from deftune.training.loop import autocast_context
+    from deftune.training.loss import response_loss_sum
 
     model, optimizer, scheduler = built["model"], built["optimizer"], built["scheduler"]
     batch = {"input_ids": input_ids, "labels": input_ids}
@@ -177,8 +179,8 @@ def phase_peaks(built: dict, input_ids) -> dict:
     and the optimizer step: which phase sets the row's peak (GiB)."""
     import torch
 
-    from deftune.train.loop import autocast_context
-    from deftune.train.loss import response_loss_sum
+    from deftune.training.loop import autocast_context
+    from deftune.training.loss import response_loss_sum
 
     model, optimizer = built["model"], built["optimizer"]
     out = {}

@@ -31,8 +31,8 @@ def build(layers: int, skip: int, quantize: bool):
     import transformers
 
     from deftune.adapters.lora.model import attach_lora, lora_modules
-    from deftune.kernels import offload
-    from deftune.kernels.patch import apply_fast_path
+    from deftune.fast_path import offload
+    from deftune.fast_path.patch import apply_fast_path
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256,
@@ -57,7 +57,7 @@ def build(layers: int, skip: int, quantize: bool):
 def step(model, optimizer, batch, phases: list | None = None, mark=lambda phase: None) -> None:
     import torch
 
-    from deftune.train.loss import response_loss_sum
+    from deftune.training.loss import response_loss_sum
 
     mark("forward")
     t0 = time.perf_counter()

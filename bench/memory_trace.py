@@ -34,8 +34,8 @@ def build(a):
     import transformers
 
     from deftune.adapters.lora.model import attach_lora
-    from deftune.kernels import offload
-    from deftune.kernels.patch import apply_fast_path
+    from deftune.fast_path import offload
+    from deftune.fast_path.patch import apply_fast_path
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -78,8 +78,8 @@ def main() -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from deftune.kernels import offload
-    from deftune.train.loss import response_loss_sum
+    from deftune.fast_path import offload
+    from deftune.training.loss import response_loss_sum
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     model = build(a)

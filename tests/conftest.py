@@ -173,7 +173,7 @@ def wire_trainer(monkeypatch, *extra):
     class sends SIGTERM after that step, as a crash-and-resume test needs."""
     import signal
 
-    from deftune.train import loop
+    from deftune.training import loop
 
     class WiredTrainer(loop.Trainer):
         stop_at = None

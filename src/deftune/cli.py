@@ -16,6 +16,12 @@ import json
 import logging
 import sys
 
+from deftune import api
+from deftune.config import field_docs
+from deftune.errors import DeftuneError
+from deftune.recipes.experts_score import score_domain
+from deftune.training.report import build_report
+
 
 def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
     recipe = None
@@ -26,8 +32,6 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
         elif recipe is None:
             recipe = arg
         else:
-            from deftune.errors import DeftuneError
-
             raise DeftuneError(f"Unexpected argument {arg!r}: give one recipe file and key=value overrides")
     return recipe, overrides
 
@@ -74,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deftune.errors import DeftuneError
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -103,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from deftune import api
-
     if args.verb == "train":
         recipe, overrides = _split_recipe(args.args)
         summary = api.train(recipe, overrides, progress=not args.no_progress)
@@ -125,8 +125,6 @@ def _dispatch(args) -> int:
         out = api.merge(args.run, args.out)
         print(f"Merged model saved to {out}")
     elif args.verb == "experts":
-        from deftune.adapters.experts import score_domain
-
         result = score_domain(args.model, args.data, args.top_p, args.score, args.out, args.heatmap, args.device,
                               args.max_records, args.batch_size, args.overrides)
         print(result["table"])
@@ -137,12 +135,8 @@ def _dispatch(args) -> int:
             if key in result:
                 print(f"{key}: {result[key]}")
     elif args.verb == "report":
-        from deftune.train.report import build_report
-
         print(f"Report written to {build_report(args.run)}")
     elif args.verb == "keys":
-        from deftune.config import field_docs
-
         for key, doc in field_docs().items():
             print(f"{key:<28} {doc}")
     return 0

@@ -19,6 +19,11 @@ import yaml
 
 from deftune.errors import DeftuneError
 
+# The validation metrics eval.metrics may name, and which way each of them (and the losses) is better.
+METRIC_NAMES = ("exact_match", "token_f1", "bleu4", "rougeL")
+HIGHER_IS_BETTER = {"eval_loss": False, "eval_ppl": False, "exact_match": True, "token_f1": True,
+                    "bleu4": True, "rougeL": True}
+
 
 @dataclass
 class ModelConfig:
@@ -303,8 +308,6 @@ class EvalConfig:
     show_examples: int = 3
 
     def __post_init__(self):
-        from deftune.eval.names import HIGHER_IS_BETTER, METRIC_NAMES
-
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
             raise DeftuneError(f"eval.metrics: unknown {unknown}; choose from {list(METRIC_NAMES)}")
@@ -354,7 +357,15 @@ class MonitorConfig:
             raise DeftuneError(f"monitor.max_nonfinite must be >= 1, got {self.max_nonfinite}")
 
 
-METHODS = ("lora", "full", "esft", "expert-lora")
+# The method registry's check (deftune.adapters.methods installs it on import, which importing deftune
+# does): the method is registered and its own settings hold. Config sits below the methods, so it is
+# handed the check instead of importing it.
+_RECIPE_CHECKER: list = [None]
+
+
+def set_recipe_checker(check) -> None:
+    """Install ``check(recipe)``, run at the end of every Recipe's validation."""
+    _RECIPE_CHECKER[0] = check
 
 
 @dataclass
@@ -384,8 +395,9 @@ class ExpertsConfig:
 
 @dataclass
 class Recipe:
-    # Training method: lora (adapters, base frozen), full (update the chosen modules' weights), esft
-    # (full update of the selected MoE experts only) or expert-lora (LoRA on the selected experts only).
+    # Training method (a name in deftune.adapters.methods): lora (adapters, base frozen), full (update the
+    # chosen modules' weights), esft (full update of the selected MoE experts only) or expert-lora (LoRA on
+    # the selected experts only).
     method: str = "lora"
     # Run folder: checkpoints, metrics.jsonl, the resolved recipe, the adapter.
     output_dir: str = "runs/run"
@@ -401,37 +413,15 @@ class Recipe:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise DeftuneError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method in ("esft", "expert-lora"):
-            a = self.adapter
-            if a.ranks or a.stages:
-                raise DeftuneError(f"adapter.ranks / adapter.stages do not apply to method {self.method}")
-            if self.experts.train_router and self.method != "esft":
-                raise DeftuneError("experts.train_router applies to method esft (LoRA does not wrap routers)")
-            # Checked here, before any model is loaded: a typo should not cost a model load.
-            sel, domains = self.experts.select, self.experts.domains
-            if not sel:
-                raise DeftuneError(f"method {self.method} needs experts.select: a domain of experts.domains "
-                                   f"({', '.join(map(str, domains)) or 'none defined'}) or a selection file "
-                                   "from `deftune experts`")
-            if sel not in domains and not sel.endswith(".json") and not Path(sel).is_file():
-                raise DeftuneError(f"experts.select: {sel!r} is neither a domain of experts.domains "
-                                   f"({', '.join(map(str, domains)) or 'none defined'}) nor a selection file")
-        if self.method == "full" and self.adapter.ranks:
-            raise DeftuneError("adapter.ranks (dynamic rank) applies to method lora, not full")
         if self.train.reuse_dequantized and not (self.train.offload_activations and self.model.fast
                                                  and self.model.quantize != "none"):
             raise DeftuneError("train.reuse_dequantized keeps the weights a 4-bit layer's recompute "
                                "dequantized for its backward: it needs train.offload_activations: true, "
                                "model.fast: true and model.quantize: nf4")
-        if self.model.quantize != "none" and self.method not in ("lora", "expert-lora"):
-            # A 4-bit weight has no gradient to follow: quantized bases are frozen (QLoRA trains adapters).
-            raise DeftuneError(f"model.quantize={self.model.quantize} freezes the base weights in 4 bits; "
-                               f"method {self.method} updates them. Use method lora (QLoRA) or "
-                               "model.quantize=none")
         if self.device not in ("auto", "cpu", "cuda"):
             raise DeftuneError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if _RECIPE_CHECKER[0] is not None:
+            _RECIPE_CHECKER[0](self)
 
 
 # Overrides that read naturally on the command line map onto nested keys.
@@ -532,7 +522,7 @@ def _fill(cls, data: dict, prefix: str = ""):
         raise DeftuneError(f"{prefix.rstrip('.') or 'recipe'}: {exc}") from exc
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -578,7 +568,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
         raise DeftuneError(f"Recipe {path} must be a mapping of keys at the top level")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return recipe_from_dict(tree)
 
 

@@ -9,21 +9,17 @@ import torch
 from conftest import tiny_recipe
 from torch import nn
 
-from deftune.adapters.dynamic_rank import (
-    DynamicRankCallback,
-    allocate_ranks,
-    format_ranks,
-    from_recipe,
-    make_budget,
-)
+from deftune.adapters.dynamic_rank import allocate_ranks, format_ranks, make_budget
 from deftune.adapters.lora.layer import LoRALinear, best_rank_factors
 from deftune.adapters.lora.model import attach_lora, lora_modules
-from deftune.train import loop
+from deftune.training import loop
+from deftune.training.callbacks.dynamic_rank import DynamicRankCallback, from_recipe
 
 
 def _build(recipe):
     """What api.train does up to the Trainer, with the dynamic-rank callback attached."""
-    from deftune.api import prepare_model, seed_everything
+    from deftune.recipes.sft import prepare_model
+    from deftune.training.loop import seed_everything
     from deftune.data import prepare_data
     from deftune.data.tokenize import ensure_pad_token
     from deftune.models.load import load_model
@@ -129,7 +125,7 @@ def test_scores_give_the_rank_to_the_modules_the_task_needs():
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     logged = []
     trainer = SimpleNamespace(step=0, total_steps=40, model=model, device=torch.device("cpu"),
-                              _log=logged.append, _say=lambda text: None, rebuild_optimizer=lambda: None)
+                              log=logged.append, say=lambda text: None, rebuild_optimizer=lambda: None)
     callback = DynamicRankCallback([0, 2, 4, 8], sensitivity=0.5, window=(0.0, 1.0))
     callback.on_train_start(trainer)
     for step in range(40):

@@ -217,7 +217,7 @@ def test_esft_patch_holds_only_the_selected_slices(ds_dir, data_file, tmp_path):
 
 
 def test_optimizer_state_covers_only_the_selected_slices(ds_dir):
-    from deftune.train.optim import param_groups
+    from deftune.training.optim import param_groups
 
     recipe = _recipe(ds_dir, "demo", "unused", "esft", domains={"d": [2, 3]})
     model, _, _ = __import__("deftune.models.load", fromlist=["load_model"]).load_model(
@@ -275,7 +275,7 @@ def test_resume_restores_expert_training_exactly(ds_dir, data_file, tmp_path, mo
     full = api.train(_recipe(ds_dir, data_file, tmp_path / "a", "expert-lora"), progress=False)
     wired = wire_trainer(monkeypatch)
     wired.stop_at = 2  # SIGTERM after step 2: the trainer saves a checkpoint and stops
-    from deftune.train.loop import TrainingInterrupted
+    from deftune.training.loop import TrainingInterrupted
 
     with pytest.raises(TrainingInterrupted):
         api.train(_recipe(ds_dir, data_file, tmp_path / "b", "expert-lora"), progress=False)
@@ -336,7 +336,7 @@ def test_recipe_keys_are_checked():
 
 def test_fast_path_on_a_moe_model_fuses_norms_lora_and_head_and_keeps_the_loss(ds_dir):
     from deftune.models.load import load_model
-    from deftune.train.loss import response_loss_sum
+    from deftune.training.loss import response_loss_sum
 
     ids = torch.randint(3, 300, (2, 11))
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
@@ -354,7 +354,7 @@ def test_fast_path_on_a_moe_model_fuses_norms_lora_and_head_and_keeps_the_loss(d
         torch.manual_seed(0)
         X.prepare(recipe, model, torch.device("cpu"))
         if fast:
-            from deftune.kernels.patch import apply_fast_path
+            from deftune.fast_path.patch import apply_fast_path
 
             counts = apply_fast_path(model, log=logs.append)
         loss, _ = response_loss_sum(model, batch)

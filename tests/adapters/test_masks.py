@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import tiny_recipe, wire_trainer
 
-from deftune.adapters import masks
-from deftune.adapters.masks import top_k_mask
+from deftune.training.callbacks import masks
+from deftune.training.fisher import top_k_mask
 from deftune.api import train
 from deftune.errors import DeftuneError
-from deftune.train import loop
+from deftune.training import loop
 
 
 class Probe(loop.Callback):

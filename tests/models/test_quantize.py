@@ -8,6 +8,7 @@ from conftest import save_tiny_llama, tiny_recipe, write_copy_task
 from torch import nn
 
 from deftune import api
+from deftune.recipes import sft
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.adapters.lora.model import attach_lora, lora_modules
 from deftune.adapters.peft_format import load_adapter, save_adapter
@@ -296,7 +297,7 @@ def test_model_quantize_replaces_decoder_linears_only(tiny_llama_dir):
         logits = model(ids).logits
     # Quantization noise only: 4 bits per weight moves the tiny model's logits a little.
     assert float((logits - reference).norm() / reference.norm()) < 0.2
-    assert api.count_params(model)[1] == sum(p.numel() for p in load_model(
+    assert sft.count_params(model)[1] == sum(p.numel() for p in load_model(
         ModelConfig(path=str(tiny_llama_dir)))[0].parameters())
 
 
@@ -313,7 +314,7 @@ def test_lora_over_nf4_trains_and_leaves_the_codes_alone(tiny_llama_dir, tmp_pat
     spec = attach_lora(model, "all-linear", "all", rank=4, alpha=8)
     assert all(isinstance(m.base_layer, NF4Linear) for m in lora_modules(model).values())
     codes = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("_codes", "_scale", "_mean"))}
-    from deftune.train.monitor import UpdateTracker
+    from deftune.training.monitor import UpdateTracker
 
     # ||W0||_F for the update heatmap comes from dequant(W), not from the NaN `weight` stand-in.
     norms = UpdateTracker(model).base_norms
@@ -343,7 +344,7 @@ def test_lora_over_nf4_trains_and_leaves_the_codes_alone(tiny_llama_dir, tmp_pat
         unmerged = model(ids).logits
         for name, module in lora_modules(model).items():
             assert isinstance(module, LoRALinear)
-            from deftune.models.patch import replace_module
+            from deftune.models.surgery import replace_module
 
             replace_module(model, name, module.merged_linear())
         torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=1e-5)

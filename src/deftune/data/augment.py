@@ -30,7 +30,7 @@ from deftune.errors import DeftuneError
 
 if TYPE_CHECKING:
     from deftune.config import DataConfig
-    from deftune.data import PreparedData
+    from deftune.data.tokenize import PreparedData
 
 # Single-turn phrasings of the instruction / response markers; the first is the seed template itself,
 # so custom templates can be augmented with it too.

@@ -10,7 +10,7 @@ tokenized on its own (``add_special_tokens=False``) so that the prompt/response 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deftune.data.formats import Sample
@@ -143,3 +143,19 @@ def ensure_pad_token(tokenizer: Any) -> str | None:
         )
     tokenizer.pad_token = tokenizer.eos_token
     return f"The tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding"
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train/eval examples, the samples they came from (for generation scoring) and stats.
+
+    ``train_sample_index[i]`` is the index in ``train_samples`` of ``train[i]`` (samples skipped for
+    length have no example); empty when not computed (then matched by source when needed).
+    """
+
+    train: list[Example]
+    eval: list[Example]
+    train_samples: list[Sample]
+    eval_samples: list[Sample]
+    stats: dict[str, DataStats] = field(default_factory=dict)
+    train_sample_index: list[int] = field(default_factory=list)

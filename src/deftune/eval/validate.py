@@ -8,17 +8,17 @@ import torch
 from torch import nn
 
 from deftune.config import Recipe
+from deftune.data.templates import prompt_for_generation
+from deftune.eval.generation import generate_texts
+from deftune.eval.metrics import score_generations
+from deftune.eval.tasks import normalize_answer
+from deftune.training.loop import evaluate_loss
 
 
 def validation_metrics(model: nn.Module, tokenizer, eval_examples, eval_samples, recipe: Recipe,
                        device: torch.device, n_samples: int) -> tuple[dict, list[dict]]:
     """``(metrics, examples)``: eval_loss and eval_ppl over every eval example, then greedy answers for the
     first ``n_samples`` eval samples scored by ``recipe.eval.metrics`` (tokenisers named in the result)."""
-    from deftune.data.templates import prompt_for_generation
-    from deftune.eval.generation import generate_texts
-    from deftune.eval.tasks import normalize_answer
-    from deftune.train.loop import evaluate_loss
-
     result: dict = {}
     if eval_examples:
         loss = evaluate_loss(model, eval_examples, recipe.train.micro_batch, tokenizer.pad_token_id, device)
@@ -26,8 +26,6 @@ def validation_metrics(model: nn.Module, tokenizer, eval_examples, eval_samples,
     examples: list[dict] = []
     n = min(n_samples, len(eval_samples))
     if recipe.eval.metrics and n > 0:
-        from deftune.eval.metrics import score_generations
-
         chosen = eval_samples[:n]
         prompts = [prompt_for_generation(s, tokenizer, recipe.data.template, recipe.data.system_prompt)
                    for s in chosen]

@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deftune.kernels._launch import fast_launch
 
 IGNORE_INDEX = -100
 _IGNORE_INDEX = tl.constexpr(IGNORE_INDEX)  # compiled kernels may read only constexpr globals
@@ -34,7 +33,6 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
-@fast_launch
 @triton.jit
 def _cross_entropy_rows(
     LOGITS, stride_row, TARGETS, LOSS, SCALE, n_cols, softcap,

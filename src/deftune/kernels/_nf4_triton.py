@@ -12,8 +12,6 @@ import triton
 import triton.language as tl
 
 from deftune.kernels import triton_interpreting
-from deftune.kernels._launch import fast_launch
-from deftune.kernels.nf4 import BLOCK_SIZE, nf4_code_book
 
 _BYTES_PER_PROGRAM = 1024
 # Chosen by bench/kernels_vs_liger.py's sweep on an H200 (bench/results/kernels_vs_liger_34b9fa3.json):
@@ -86,7 +84,6 @@ def _dequantize_program(pid, packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_
         _store_values(out_ptr, offsets, values, offsets < numel, OUT_BF16, BY_HAND)
 
 
-@fast_launch
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_ptr, code_book_ptr, out_ptr,
                            numel, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
@@ -97,45 +94,14 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, codes_ptr, scale_ptr, mean_pt
                         ONE_SCALE, ELEMENTS)
 
 
-@fast_launch
-@triton.jit
-def _nf4_dequantize_group_kernel(packed0, codes0, scale0, mean0, out0, numel0,
-                                 packed1, codes1, scale1, mean1, out1, numel1,
-                                 packed2, codes2, scale2, mean2, out2, numel2,
-                                 packed3, codes3, scale3, mean3, out3, numel3,
-                                 start1, start2, start3, code_book_ptr,
-                                 BLOCK: tl.constexpr, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
-                                 OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr, ONE_SCALE: tl.constexpr,
-                                 ELEMENTS: tl.constexpr):
-    # Up to four double-quantized weights in one launch: programs [0, start1) dequantize weight 0,
-    # [start1, start2) weight 1, and so on (a group of fewer weights passes start_k = the grid size for
-    # the missing ones, so their branches are never taken). One launch instead of one per projection:
-    # at 1B scale the host's launch work, not the GPU's, bounds a 4-bit step.
-    pid = tl.program_id(0).to(tl.int64)
-    if pid < start1:
-        _dequantize_program(pid, packed0, scale0, codes0, scale0, mean0, code_book_ptr, out0, numel0, BLOCK,
-                            QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
-    elif pid < start2:
-        _dequantize_program(pid - start1, packed1, scale1, codes1, scale1, mean1, code_book_ptr, out1, numel1,
-                            BLOCK, QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
-    elif pid < start3:
-        _dequantize_program(pid - start2, packed2, scale2, codes2, scale2, mean2, code_book_ptr, out2, numel2,
-                            BLOCK, QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
-    else:
-        _dequantize_program(pid - start3, packed3, scale3, codes3, scale3, mean3, code_book_ptr, out3, numel3,
-                            BLOCK, QBLOCK, ABLOCK, True, OUT_BF16, BY_HAND, ONE_SCALE, ELEMENTS)
-
-
 def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scale: torch.Tensor,
                                  absmax_mean: torch.Tensor, numel: int, dtype: torch.dtype,
-                                 absmax_block: int, block: int = 0, num_warps: int = 0,
-                                 elements: bool | None = None) -> torch.Tensor:
+                                 absmax_block: int, code_book: torch.Tensor, qblock: int, block: int = 0,
+                                 num_warps: int = 0, elements: bool | None = None) -> torch.Tensor:
     """:func:`deftune.kernels.nf4.dequantize_nf4_double` on the GPU (one launch); ``block`` (bytes per
     program), ``num_warps`` and ``elements`` (one lane per output instead of per byte) default to
     :data:`_BYTES_PER_PROGRAM` / :data:`_NUM_WARPS` / :data:`_ELEMENTS` (bench/kernels_vs_liger.py sweeps
-    them). (A layout with the absmax loaded once per block row and one
-    64-bit table gather per byte measured 5-7x slower on an H200, bench/results/kernels_vs_liger_9b78004.json,
-    and was dropped.)"""
+    them)."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
@@ -149,58 +115,16 @@ def dequantize_nf4_double_triton(packed: torch.Tensor, absmax_codes: torch.Tenso
     block = block or _BYTES_PER_PROGRAM
     grid = (triton.cdiv((numel + 1) // 2, block),)
     _nf4_dequantize_kernel[grid](
-        packed, scale, absmax_codes, scale, absmax_mean.float(), nf4_code_book(packed.device), out_view,
-        numel, BLOCK=block, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, DOUBLE=True,
-        OUT_BF16=is_bf16, BY_HAND=triton_interpreting(), ONE_SCALE=(BLOCK_SIZE * absmax_block) % (2 * block) == 0,
+        packed, scale, absmax_codes, scale, absmax_mean.float(), code_book, out_view,
+        numel, BLOCK=block, QBLOCK=qblock, ABLOCK=absmax_block, DOUBLE=True,
+        OUT_BF16=is_bf16, BY_HAND=triton_interpreting(), ONE_SCALE=(qblock * absmax_block) % (2 * block) == 0,
         ELEMENTS=_ELEMENTS if elements is None else elements, num_warps=num_warps or _NUM_WARPS,
     )
     return out
 
 
-# A weight's output starts on a 128-byte boundary of the shared buffer (aligned, vectorised stores).
-_GROUP_ALIGN_ELEMENTS = 64
-GROUP_MAX = 4  # weights per launch of the group kernel
-
-
-def dequantize_nf4_double_group_triton(weights: list[tuple], dtype: torch.dtype,
-                                       absmax_block: int) -> list[torch.Tensor]:
-    """:func:`dequantize_nf4_double_triton` of up to :data:`GROUP_MAX` weights in one launch.
-
-    ``weights``: ``(packed, absmax_codes, absmax_scale, absmax_mean, numel)`` per weight. Returns one flat
-    tensor per weight, each a view into one buffer (so the group's memory is freed when the last view
-    goes), equal element for element to dequantizing each weight on its own."""
-    if not 1 <= len(weights) <= GROUP_MAX:
-        raise ValueError(f"the NF4 group kernel takes 1 to {GROUP_MAX} weights, got {len(weights)}")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
-    offsets, total = [], 0
-    for *_, numel in weights:
-        offsets.append(total)
-        total += -(-numel // _GROUP_ALIGN_ELEMENTS) * _GROUP_ALIGN_ELEMENTS
-    buffer = torch.empty(max(total, 1), dtype=dtype, device=weights[0][0].device)
-    outs = [buffer[off:off + w[4]] for off, w in zip(offsets, weights)]
-    is_bf16 = dtype == torch.bfloat16
-    block = _BYTES_PER_PROGRAM
-    args, starts, programs = [], [], 0
-    for (packed, codes, scale, mean, numel), out in zip(weights, outs):
-        starts.append(programs)
-        programs += triton.cdiv((numel + 1) // 2, block)
-        args += [packed, codes, scale.float(), mean.float(), out.view(torch.int16) if is_bf16 else out, numel]
-    if programs == 0:
-        return outs
-    # Missing weights: weight 0's arguments again, behind a start no program reaches.
-    args += args[:6] * (GROUP_MAX - len(weights))
-    starts += [programs] * (GROUP_MAX - len(weights))
-    _nf4_dequantize_group_kernel[(programs,)](
-        *args, *starts[1:], nf4_code_book(buffer.device),
-        BLOCK=block, QBLOCK=BLOCK_SIZE, ABLOCK=absmax_block, OUT_BF16=is_bf16, BY_HAND=triton_interpreting(),
-        ONE_SCALE=(BLOCK_SIZE * absmax_block) % (2 * block) == 0, ELEMENTS=_ELEMENTS, num_warps=_NUM_WARPS,
-    )
-    return outs
-
-
-def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int,
-                          dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int, dtype: torch.dtype,
+                          code_book: torch.Tensor, qblock: int) -> torch.Tensor:
     """Flat ``NF4[q_i] * absmax[i // 64]`` of ``dtype`` (float32, float16 or bfloat16) from the kernel."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 dequantization writes float32, float16 or bfloat16, not {dtype}")
@@ -212,9 +136,9 @@ def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, numel: int
     is_bf16 = dtype == torch.bfloat16
     absmax = absmax.float().contiguous()
     _nf4_dequantize_kernel[grid](
-        packed.contiguous(), absmax, absmax, absmax, absmax, nf4_code_book(packed.device),
+        packed.contiguous(), absmax, absmax, absmax, absmax, code_book,
         out.view(torch.int16) if is_bf16 else out, numel,
-        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=BLOCK_SIZE, ABLOCK=1, DOUBLE=False, OUT_BF16=is_bf16,
+        BLOCK=_BYTES_PER_PROGRAM, QBLOCK=qblock, ABLOCK=1, DOUBLE=False, OUT_BF16=is_bf16,
         BY_HAND=triton_interpreting(), ONE_SCALE=False, ELEMENTS=_ELEMENTS, num_warps=_NUM_WARPS,
     )
     return out

@@ -13,10 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deftune.kernels._launch import fast_launch
 
 
-@fast_launch
 @triton.jit
 def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 at 8192 x 4096 x many
@@ -31,7 +29,6 @@ def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.cons
     tl.store(RSTD + row, rstd)
 
 
-@fast_launch
 @triton.jit
 def _rms_norm_bwd(
     DY, X, W, RSTD, DX, DW_PARTIAL,

@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deftune.kernels._launch import fast_launch
 
 
 @triton.jit
@@ -40,7 +39,6 @@ def _rope_heads(
     tl.store(y_ptr + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
 
-@fast_launch
 @triton.jit
 def _rope_qk_kernel(
     Q, K, QO, KO, COS, SIN, T, n_q_heads, n_k_heads,

@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deftune.kernels._launch import fast_launch
 
 _BLOCK = 1024
 
@@ -27,7 +26,6 @@ def _sigmoid(x):
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-@fast_launch
 @triton.jit
 def _swiglu_fwd(G, U, H, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -37,7 +35,6 @@ def _swiglu_fwd(G, U, H, n, BLOCK: tl.constexpr):
     tl.store(H + offs, (g * _sigmoid(g) * u).to(H.dtype.element_ty), mask=mask)
 
 
-@fast_launch
 @triton.jit
 def _swiglu_bwd(DH, G, U, DG, DU, H, n, BLOCK: tl.constexpr, WRITE_H: tl.constexpr):
     # dg -> DG, du -> DU and (WRITE_H) h -> H; any of them may alias DH, G or U: every element is loaded

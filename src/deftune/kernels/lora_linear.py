@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import weakref
 
 import torch
@@ -39,11 +38,10 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from deftune.kernels.offload import recomputing
 from deftune.kernels.swiglu import swiglu_backward_with_values_, swiglu_values
 
-__all__ = ["base_weight", "compute_dtype", "grouped_weights", "lora_group", "lora_linear", "lora_linear_given",
-           "run_dtype", "swiglu_lora_linear"]
+__all__ = ["base_weight", "compute_dtype", "keep_dequantized_on_recompute", "lora_group", "lora_linear",
+           "lora_linear_given", "recompute_scope", "recomputing", "run_dtype", "swiglu_lora_linear"]
 
 
 # 4-bit bases of offloaded layers under ``train.reuse_dequantized``: the weight dequantized for a layer's
@@ -53,60 +51,40 @@ __all__ = ["base_weight", "compute_dtype", "grouped_weights", "lora_group", "lor
 _KEPT_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-# 4-bit bases of one block (an attention's q/k/v/o, an MLP's gate/up) dequantized together by
-# :func:`grouped_weights`, by id, each handed out once to :func:`base_weight` inside the block.
-_GROUPED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("deftune_grouped_weights", default=None)
-# Most bytes of dequantized weights a group may hold at once; 0 (the default) turns grouping off.
-# One launch per projection costs the host ~40-50 us (Triton's launcher) whatever the weight's size, and
-# grouping q/k/v/o (4 -> 1 launch) and gate/up (2 -> 1) was meant for where the host bounds the step (1B).
-# Measured on an H200 (bench/results/gpu_peers_llama-1b_ab_d25b801.json, 2 rounds): the group kernel's
-# own launch (28 arguments, each specialised by Triton's launcher) costs the host more than the launches
-# it saves -- host launch time 192-196 ms a 1B nf4 step grouped at 128 MiB against 176-180 ms without,
-# 65.2-66.4k against 67.0-68.0k tokens/s; with DEFTUNE_FAST_LAUNCH=1 the two are equal. So it stays an
-# opt-in: DEFTUNE_NF4_GROUP_MIB=128 groups blocks of up to 128 MiB.
-def _group_bytes(text: str) -> int:
-    try:
-        mib = float(text)
-    except ValueError:
-        mib = -1.0
-    if not mib >= 0:
-        raise ValueError(f"DEFTUNE_NF4_GROUP_MIB must be a number of MiB >= 0, got {text!r}")
-    return int(mib * 2**20)
+# A 4-bit base registered with :func:`keep_dequantized_on_recompute` keeps the weight its recompute
+# dequantized (``_KEPT_WEIGHTS``) for the backward that follows at once.
+_KEEP_ON_RECOMPUTE: weakref.WeakSet = weakref.WeakSet()
+# True while a checkpointed layer is being recomputed in backward (set by the fast path's offloaded
+# checkpointing), so the recompute can skip work the backward does itself.
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("deftune_recomputing", default=False)
 
 
-GROUP_BYTES = _group_bytes(os.environ.get("DEFTUNE_NF4_GROUP_MIB", "0"))
+def recomputing() -> bool:
+    """True while an offloaded layer is being recomputed in backward (not in its first forward)."""
+    return _RECOMPUTING.get()
 
 
 @contextlib.contextmanager
-def grouped_weights(bases: list):
-    """Inside the block, :func:`base_weight` of any of ``bases`` returns its share of one dequantization
-    of them all (``dequantize_group``: one kernel launch instead of one per projection). Applies to 4-bit
-    bases of one compute dtype and device, two or more, within :data:`GROUP_BYTES`; otherwise (or for any
-    base not asked for inside the block) each is dequantized on its own as before. What is not handed out
-    is released when the block ends (e.g. a recompute that stops early)."""
-    quantized = [b for b in bases if callable(getattr(type(b), "dequantize_group", None))]
-    kinds = {(type(b), getattr(b, "compute_dtype", None), getattr(b, "device", None)) for b in quantized}
-    size = sum(b.in_features * b.out_features * torch.finfo(b.compute_dtype).bits // 8 for b in quantized) \
-        if len(quantized) > 1 and len(kinds) == 1 else 0
-    if not 0 < size <= GROUP_BYTES:
-        yield
-        return
-    weights = type(quantized[0]).dequantize_group(quantized)
-    token = _GROUPED.set({id(b): (b, w) for b, w in zip(quantized, weights)})
+def recompute_scope(active: bool):
+    """Mark the code inside as a backward-time recompute (``active``) or a first forward."""
+    token = _RECOMPUTING.set(active)
     try:
         yield
     finally:
-        _GROUPED.reset(token)
+        _RECOMPUTING.reset(token)
+
+
+def keep_dequantized_on_recompute(base: nn.Module) -> None:
+    """Keep ``base``'s weight dequantized by a recompute until the backward right after it
+    (``train.reuse_dequantized``): one dequantization of three per step saved, one layer's worth held."""
+    _KEEP_ON_RECOMPUTE.add(base)
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
-    """W0 [out, in] of a frozen base layer: ``dequantize()`` when it stores a quantized weight (or its
-    share of a :func:`grouped_weights` block's dequantization)."""
+    """W0 [out, in] of a frozen base layer: ``dequantize()`` when it stores a quantized weight."""
     if hasattr(base, "dequantize"):
-        grouped = _GROUPED.get()
-        hit = grouped.pop(id(base), None) if grouped else None
-        weight = hit[1] if hit is not None else base.dequantize()
-        if getattr(base, "_deftune_keep_dequantized", False) and recomputing():
+        weight = base.dequantize()
+        if recomputing() and base in _KEEP_ON_RECOMPUTE:
             _KEPT_WEIGHTS[base] = weight
         return weight
     return base.weight
@@ -237,7 +215,7 @@ class FrozenAddmmFunction(torch.autograd.Function):
 
 class GivenOutputFunction(torch.autograd.Function):
     """Stands in for :class:`FrozenAddmmFunction` when its output is already known (a copy kept from the
-    first forward, see :mod:`deftune.kernels.offload`): returns ``value`` with the same backward."""
+    first forward, see :mod:`deftune.fast_path.offload`): returns ``value`` with the same backward."""
 
     @staticmethod
     def forward(ctx, low, value):

@@ -76,7 +76,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, numel: int,
     if use_triton(packed, absmax):
         from deftune.kernels._nf4_triton import dequantize_nf4_triton
 
-        return dequantize_nf4_triton(packed, absmax, numel, dtype)
+        return dequantize_nf4_triton(packed, absmax, numel, dtype, nf4_code_book(packed.device), BLOCK_SIZE)
     return dequantize_nf4_reference(packed, absmax, numel, dtype)
 
 
@@ -93,25 +93,9 @@ def dequantize_nf4_double(packed: torch.Tensor, absmax_codes: torch.Tensor, absm
         from deftune.kernels._nf4_triton import dequantize_nf4_double_triton
 
         return dequantize_nf4_double_triton(packed, absmax_codes, absmax_scale, absmax_mean, numel, dtype,
-                                            absmax_block)
+                                            absmax_block, nf4_code_book(packed.device), BLOCK_SIZE)
     absmax = absmax_from_codes(absmax_codes, absmax_scale, absmax_mean, absmax_block)
     return dequantize_nf4_reference(packed, absmax, numel, dtype)
-
-
-def dequantize_nf4_double_group(weights: list[tuple], dtype: torch.dtype,
-                                absmax_block: int = 256) -> list[torch.Tensor]:
-    """:func:`dequantize_nf4_double` of several weights, ``(packed, absmax_codes, absmax_scale,
-    absmax_mean, numel)`` each: on the GPU one kernel launch per four weights (the outputs are views of
-    one buffer), elsewhere one reference call per weight. The same values as one call per weight."""
-    tensors = [t for w in weights for t in w[:4]]
-    if weights and use_triton(*tensors):
-        from deftune.kernels._nf4_triton import GROUP_MAX, dequantize_nf4_double_group_triton
-
-        out = []
-        for i in range(0, len(weights), GROUP_MAX):
-            out += dequantize_nf4_double_group_triton(weights[i:i + GROUP_MAX], dtype, absmax_block)
-        return out
-    return [dequantize_nf4_double(*w, dtype, absmax_block) for w in weights]
 
 
 def absmax_from_codes(codes: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,

@@ -32,6 +32,7 @@ from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["is_segment_mask", "segment_mask", "varlen_causal_attention"]
 
@@ -125,13 +126,17 @@ def _varlen_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return _CHECKED[key][0]
 
 
+# A padding-free batch's mask -> its bounds on the GPU (weak keys: gone with the batch).
+_DEVICE_BOUNDS = WeakTensorKeyDictionary()
+
+
 def _device_bounds(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``cu_seqlens`` on the GPU, copied once per batch (cached on the mask object, which every layer and
     every recompute receives) from pinned memory without a host sync."""
-    cached = getattr(mask, "_deftune_cu", None)
+    cached = _DEVICE_BOUNDS.get(mask)
     if cached is None or cached.device != device:
         cached = mask.reshape(-1).pin_memory().to(device, non_blocking=True)
-        mask._deftune_cu = cached
+        _DEVICE_BOUNDS[mask] = cached
     return cached
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from deftune.models.nf4_linear import NF4Linear
+
 ROLES = ("attention", "mlp", "router", "expert")
 PRESETS = {
     "attention": {"attention"},
@@ -81,8 +83,6 @@ def classify(name: str) -> tuple[int, str] | None:
 def linear_sites(model: nn.Module) -> list[LinearSite]:
     """Every nn.Linear inside a decoder layer, with its role (LoRA-wrapped ones by their base name).
     A 4-bit NF4Linear (QLoRA base, model.quantize=nf4) counts as a linear layer too."""
-    from deftune.models.quantize import NF4Linear  # here: quantize.py imports this module
-
     sites = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, NF4Linear)) or name.endswith((".lora_A", ".lora_B")):

@@ -179,3 +179,12 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
         # so LoRALinear wraps the NF4Linear. Logs the module count and weight bytes before/after.
         quantize_model(model)
     return model, tokenizer, source
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeftuneError("device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    return torch.device(name)

@@ -1,19 +1,19 @@
 """Dynamic-rank LoRA: AdaLoRA-style importance scores decide each module's rank, adapters are resized.
 
-``from_recipe(recipe, model)`` gives the training callback for ``adapter.ranks`` (None when empty).
+The scores (``importance``) and the budget split (``allocate``) live here; the training-time callback that
+uses them is :mod:`deftune.training.callbacks.dynamic_rank`.
 """
 
-from deftune.adapters.dynamic_rank.allocate import adapter_param_count, allocate_ranks, make_budget
-from deftune.adapters.dynamic_rank.callback import (
-    DynamicRankCallback,
+from deftune.adapters.dynamic_rank.allocate import (
+    adapter_param_count,
+    allocate_ranks,
     format_ranks,
-    from_recipe,
     initial_rank,
-    window_steps,
+    make_budget,
 )
 from deftune.adapters.dynamic_rank.importance import ComponentImportance, gate_sensitivity
 
 __all__ = [
-    "DynamicRankCallback", "from_recipe", "initial_rank", "format_ranks", "window_steps", "allocate_ranks",
-    "make_budget", "adapter_param_count", "ComponentImportance", "gate_sensitivity",
+    "initial_rank", "format_ranks", "allocate_ranks", "make_budget", "adapter_param_count",
+    "ComponentImportance", "gate_sensitivity",
 ]

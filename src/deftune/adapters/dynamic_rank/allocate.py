@@ -19,6 +19,8 @@ for the pruning strength s = ``sensitivity`` in [0, 1].
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 import torch
@@ -116,3 +118,32 @@ def adapter_param_count(ranks: dict[str, int], shapes: dict[str, tuple[int, int]
 
 
 __all__ = ["Budget", "make_budget", "allocate_ranks", "adapter_param_count"]
+
+
+def initial_rank(adapter) -> int:
+    """The rank to attach LoRA at: the largest candidate with dynamic rank, else ``adapter.rank``."""
+    return max(adapter.ranks) if adapter.ranks else adapter.rank
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def format_ranks(ranks: dict[str, int]) -> str:
+    """A layer x module table of ranks (0 = dropped out) for the console or a report."""
+    grid: dict[int, dict[str, int]] = {}
+    other: dict[str, int] = {}
+    for name, rank in ranks.items():
+        match = _LAYER.search(name)
+        if match:
+            grid.setdefault(int(match.group(1)), {})[name.rsplit(".", 1)[-1]] = rank
+        else:
+            other[name] = rank
+    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cols = sorted({c for row in grid.values() for c in row}, key=lambda c: (order.index(c) if c in order
+                                                                             else len(order), c))
+    width = max([len(c) for c in cols] + [5])
+    lines = ["layer " + " ".join(f"{c:>{width}}" for c in cols)] if grid else []
+    for layer in sorted(grid):
+        lines.append(f"{layer:<5} " + " ".join(f"{grid[layer].get(c, ''):>{width}}" for c in cols))
+    lines += [f"{name}: {rank}" for name, rank in sorted(other.items())]
+    return "\n".join(lines)

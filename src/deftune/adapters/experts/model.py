@@ -22,7 +22,7 @@ from deftune.adapters.experts.layer import ExpertSubset
 from deftune.adapters.experts.select import Selection
 from deftune.errors import DeftuneError
 from deftune.models.moe import MoeBlock, moe_blocks
-from deftune.models.patch import replace_module
+from deftune.models.surgery import replace_module
 
 PATCH_FILE = "esft_patch.safetensors"
 PATCH_META = "esft_patch.json"

@@ -69,7 +69,7 @@ class LoRALinear(nn.Module):
         """s * B A, the update to W0, in float32."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    # Set by the fast path (deftune.kernels.patch, model.fast) on modules without dropout: base + update
+    # Set by the fast path (deftune.fast_path.patch, model.fast) on modules without dropout: base + update
     # run as one autograd.Function that saves only x and x A^T (deftune.kernels.lora_linear).
     fused: bool = False
 

@@ -10,7 +10,7 @@ from torch import nn
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.errors import DeftuneError
 from deftune.models.arch import LinearSite, select_sites
-from deftune.models.patch import replace_module
+from deftune.models.surgery import replace_module
 
 
 @dataclass

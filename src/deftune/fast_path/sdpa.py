@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deftune.errors import DeftuneError
-from deftune.models.patch import pieces
+from deftune.models.surgery import pieces
 
 __all__ = ["BACKENDS", "prefer_sdpa_backend"]
 

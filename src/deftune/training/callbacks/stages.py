@@ -18,51 +18,11 @@ from torch import nn
 
 from deftune.config import Recipe
 from deftune.errors import DeftuneError
-from deftune.models.arch import select_sites
-from deftune.train.loop import Callback
+from deftune.adapters.stages import stage_sites as _stage_sites
+from deftune.adapters.stages import stage_targets_union
+from deftune.training.callbacks.base import Callback
 
-# Set on a parameter that waits for a later stage (frozen now, trainable later), so a gradient mask that
-# runs after this callback still counts it among the parameters it restricts.
-STAGE_PENDING = "_deftune_stage_pending"
-
-
-def _target_tokens(targets) -> list[str]:
-    if isinstance(targets, str):
-        return [t.strip() for t in targets.split("+") if t.strip()]
-    return [str(t) for t in targets]
-
-
-def stage_targets_union(stages: list[dict], default_layers, model: nn.Module | None = None) -> tuple:
-    """``(targets, layers)`` to attach adapters (or unfreeze weights, method full) so that every stage's
-    modules exist from step 0; pass them to ``attach_lora`` / ``select_sites``.
-
-    When every stage uses the same layers the result is the union of the stages' targets (a list of
-    presets and module names) on those layers. Stages with different layers need ``model``: the result is
-    then the exact list of module names, on layers "all".
-    """
-    if not stages:
-        raise DeftuneError("adapter.stages is empty: nothing to take the union of")
-    layer_specs = [stage.get("layers", default_layers) for stage in stages]
-    if all(spec == layer_specs[0] for spec in layer_specs):
-        tokens: list[str] = []
-        for stage in stages:
-            tokens += [t for t in _target_tokens(stage["targets"]) if t not in tokens]
-        return tokens, layer_specs[0]
-    if model is None:
-        raise DeftuneError("adapter.stages use different layers: stage_targets_union needs the model "
-                           "to list the modules")
-    names: list[str] = []
-    for i, stage in enumerate(stages):
-        names += [s.name for s in _stage_sites(model, stage, default_layers, i) if s.name not in names]
-    return names, "all"
-
-
-def _stage_sites(model: nn.Module, stage: dict, default_layers, index: int):
-    try:
-        return select_sites(model, stage["targets"], stage.get("layers", default_layers))
-    except ValueError as exc:
-        raise DeftuneError(f"adapter.stages[{index}]: {exc}") from exc
-
+__all__ = ["ProgressiveUnfreezing", "from_recipe", "stage_targets_union"]
 
 def _unwrapped_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
@@ -72,9 +32,9 @@ class ProgressiveUnfreezing(Callback):
     """Freeze all but stage 0's modules at train start; unfreeze each next stage at its boundary step.
 
     Only parameters trainable when training starts take part; those in no stage stay frozen for the whole
-    run. A tensor a gradient mask froze (``MASK_FROZEN``) is never unfrozen, whichever callback runs first;
-    tensors waiting for a later stage carry ``STAGE_PENDING`` so a mask running after this callback still
-    sees them.
+    run. A tensor a gradient mask froze is never unfrozen, whichever callback runs first; tensors waiting for
+    a later stage are recorded as such in the trainer's ``trainable`` state, so a mask running after this
+    callback still sees them.
     """
 
     name = "stages"
@@ -92,6 +52,7 @@ class ProgressiveUnfreezing(Callback):
         self._stage_params: list[list[str]] = []  # parameter names each stage adds
         self._params: dict[str, nn.Parameter] = {}
         self._model: nn.Module | None = None
+        self._trainable = None
 
     def _stage_at(self, step: int) -> int:
         return sum(1 for b in self.boundaries if step >= b)
@@ -100,22 +61,18 @@ class ProgressiveUnfreezing(Callback):
         return {n for k in range(stage + 1) for n in self._stage_params[k]}
 
     def _apply(self, stage: int) -> None:
-        from deftune.adapters.masks import MASK_FROZEN
-
         on = self._trainable_names(stage)
         # Looked up by name each time: a callback may have replaced a tensor (dynamic rank resizes adapters).
         self._params = {n: p for n, p in self._model.named_parameters() if n in self._params}
         for name, p in self._params.items():
-            p.requires_grad_(name in on and not getattr(p, MASK_FROZEN, False))
-            setattr(p, STAGE_PENDING, name not in on)
+            self._trainable.set_stage(name, p, name in on)
 
     def on_train_start(self, trainer) -> None:
-        from deftune.adapters.masks import MASK_FROZEN
-
         model = self._model = trainer.model
+        self._trainable = trainer.trainable
         base = getattr(model, "module", model)
         self._params = {n: p for n, p in model.named_parameters()
-                        if p.requires_grad and not getattr(p, MASK_FROZEN, False)}
+                        if p.requires_grad and self._trainable.may_train(n)}
         claimed: set[str] = set()
         self._stage_params = []
         for i, stage in enumerate(self.stages):
@@ -130,7 +87,7 @@ class ProgressiveUnfreezing(Callback):
             )
         unstaged = len(self._params) - len(claimed)
         if unstaged:
-            trainer._say(f"Progressive unfreezing: {unstaged} trainable tensors belong to no stage "
+            trainer.say(f"Progressive unfreezing: {unstaged} trainable tensors belong to no stage "
                          "and stay frozen")
         self.stage = self._stage_at(trainer.step)
         self._apply(self.stage)
@@ -148,9 +105,9 @@ class ProgressiveUnfreezing(Callback):
         stage = self.stages[self.stage]
         count = sum(self._params[n].numel() for n in new)
         layers = stage.get("layers", self.default_layers)
-        trainer._log({"step": trainer.step, "event": "stage", "stage": self.stage, "targets": stage["targets"],
+        trainer.log({"step": trainer.step, "event": "stage", "stage": self.stage, "targets": stage["targets"],
                       "layers": layers, "new_params": count, "new_tensors": len(new)})
-        trainer._say(f"step {trainer.step}: stage {self.stage + 1}/{len(self.stages)} adds "
+        trainer.say(f"step {trainer.step}: stage {self.stage + 1}/{len(self.stages)} adds "
                      f"{stage['targets']} on layers {layers}: {count:,} parameters in {len(new)} tensors "
                      f"join training (LR warm-up over {self.stage_warmup} steps)")
 

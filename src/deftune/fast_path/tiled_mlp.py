@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deftune.errors import DeftuneError
-from deftune.models.patch import pieces
+from deftune.models.surgery import pieces
 
 __all__ = ["tile_mlps", "tiled_forward"]
 

@@ -21,8 +21,6 @@ gives the modules those shapes before the trainer restores tensors and optimizer
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from deftune.adapters.dynamic_rank.allocate import adapter_param_count, allocate_ranks, make_budget
@@ -30,7 +28,7 @@ from deftune.adapters.dynamic_rank.importance import ComponentImportance, gate_s
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.adapters.lora.model import lora_modules, unwrap_lora
 from deftune.errors import DeftuneError
-from deftune.train.loop import Callback
+from deftune.training.callbacks.base import Callback
 
 
 def window_steps(window, total_steps: int) -> tuple[int, int]:
@@ -133,9 +131,9 @@ class DynamicRankCallback(Callback):
         self.last_allocation_step = trainer.step
         trainer.rebuild_optimizer()
         after = adapter_param_count(self.ranks, self.shapes)
-        trainer._log({"step": trainer.step, "event": "rank_allocation", "ranks": dict(self.ranks),
+        trainer.log({"step": trainer.step, "event": "rank_allocation", "ranks": dict(self.ranks),
                       "adapter_params": after, "budget": budget.amount, "budget_unit": budget.unit})
-        trainer._say(f"step {trainer.step}: dynamic rank {self._summary()}; adapter params {before:,} -> "
+        trainer.say(f"step {trainer.step}: dynamic rank {self._summary()}; adapter params {before:,} -> "
                      f"{after:,} (budget {budget.amount:,.0f} {budget.unit})")
         return dict(self.ranks)
 
@@ -180,19 +178,12 @@ class DynamicRankCallback(Callback):
         return dict(self.ranks)
 
 
-def initial_rank(adapter) -> int:
-    """The rank to attach LoRA at: the largest candidate with dynamic rank, else ``adapter.rank``."""
-    return max(adapter.ranks) if adapter.ranks else adapter.rank
-
-
 def from_recipe(recipe, model) -> DynamicRankCallback | None:
     """The callback for ``recipe.adapter.ranks`` (None when empty). Call after LoRA is attached at
     ``initial_rank(recipe.adapter)``."""
     a = recipe.adapter
     if not a.ranks:
         return None
-    if recipe.method != "lora":
-        raise DeftuneError(f"adapter.ranks (dynamic rank) needs method: lora, got {recipe.method}")
     modules = lora_modules(model)
     top = max(a.ranks)
     wrong = sorted(n for n, m in modules.items() if m.rank != top)
@@ -202,28 +193,4 @@ def from_recipe(recipe, model) -> DynamicRankCallback | None:
     return DynamicRankCallback(a.ranks, a.sensitivity, a.param_budget, a.rank_window, a.rank_reallocate_every)
 
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def format_ranks(ranks: dict[str, int]) -> str:
-    """A layer x module table of ranks (0 = dropped out) for the console or a report."""
-    grid: dict[int, dict[str, int]] = {}
-    other: dict[str, int] = {}
-    for name, rank in ranks.items():
-        match = _LAYER.search(name)
-        if match:
-            grid.setdefault(int(match.group(1)), {})[name.rsplit(".", 1)[-1]] = rank
-        else:
-            other[name] = rank
-    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    cols = sorted({c for row in grid.values() for c in row}, key=lambda c: (order.index(c) if c in order
-                                                                             else len(order), c))
-    width = max([len(c) for c in cols] + [5])
-    lines = ["layer " + " ".join(f"{c:>{width}}" for c in cols)] if grid else []
-    for layer in sorted(grid):
-        lines.append(f"{layer:<5} " + " ".join(f"{grid[layer].get(c, ''):>{width}}" for c in cols))
-    lines += [f"{name}: {rank}" for name, rank in sorted(other.items())]
-    return "\n".join(lines)
-
-
-__all__ = ["DynamicRankCallback", "from_recipe", "initial_rank", "format_ranks", "window_steps"]
+__all__ = ["DynamicRankCallback", "from_recipe", "window_steps"]

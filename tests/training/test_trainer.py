@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_recipe
 
 from deftune.api import train
-from deftune.train import loop
-from deftune.train.checkpoint import find_checkpoint
-from deftune.train.optim import lr_factor
+from deftune.training import loop
+from deftune.training.checkpoint import find_checkpoint
+from deftune.training.optim import lr_factor
 
 
 def _losses(run_dir):
@@ -82,7 +82,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_good_state(tiny_llama_dir, c
                                                                 monkeypatch):
     from safetensors.torch import load_file
 
-    from deftune.train import loss as loss_module
+    from deftune.training import loss as loss_module
 
     real = loss_module.response_loss_sum
     calls = {"n": 0}

@@ -15,22 +15,24 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from deftune.config import Recipe
 from deftune.data import PreparedData, batches
 from deftune.errors import DeftuneError
-from deftune.train.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from deftune.train.dist import is_main_process
-from deftune.train.loss import count_label_tokens, labelled_positions, response_loss_sum
-from deftune.train.monitor import (
+from deftune.training.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from deftune.training.dist import is_main_process
+from deftune.training.loss import count_label_tokens, labelled_positions, response_loss_sum
+from deftune.training.monitor import (
     Board,
     GradNormGuard,
     PlateauController,
@@ -38,32 +40,9 @@ from deftune.train.monitor import (
     layer_grad_norms,
     peak_memory_gib,
 )
-from deftune.train.optim import build_optimizer
-
-
-class Callback:
-    """Hooks for methods that act during training (dynamic rank, gradient masks, progressive unfreezing).
-
-    Order within a step: forward/backward -> ``after_backward`` (gradients present, before clipping) ->
-    clip, guard -> optimizer step -> ``after_optimizer_step`` -> logs -> ``on_step_end``. State returned by
-    ``state_dict`` is checkpointed; ``load_state_dict`` runs on resume *before* the trainable tensors and
-    optimizer are restored, so a callback can first give the model the shapes the checkpoint holds.
-    """
-
-    name = "callback"
-
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-
-    def after_backward(self, trainer: "Trainer") -> None: ...
-
-    def after_optimizer_step(self, trainer: "Trainer") -> None: ...
-
-    def on_step_end(self, trainer: "Trainer") -> None: ...
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict, trainer: "Trainer") -> None: ...
+from deftune.training.callbacks.base import Callback
+from deftune.training.optim import build_optimizer
+from deftune.training.state import TrainableState
 
 
 class TrainingInterrupted(DeftuneError):
@@ -85,6 +64,13 @@ class TrainResult:
     skipped_steps: int = 0
     stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (the run's data order and initialisation)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
 
 
 def autocast_context(device: torch.device):
@@ -128,7 +114,10 @@ def evaluate_loss(model: nn.Module, examples, micro_batch: int, pad_id: int, dev
 class Trainer:
     def __init__(self, recipe: Recipe, model: nn.Module, tokenizer, data: PreparedData, run_dir: Path,
                  device: torch.device, progress: bool = True,
-                 on_best: Callable[[Path], None] | None = None, callbacks: list[Callback] = ()):
+                 on_best: Callable[[Path], None] | None = None, callbacks: list[Callback] = (),
+                 validator: Callable[[nn.Module], dict] | None = None):
+        """``validator(model) -> metrics`` runs at each ``eval.every`` (the recipe passes the eval stage's
+        validation: eval loss plus generation metrics); without one, validation is the eval loss alone."""
         self.recipe = recipe
         self.cfg = recipe.train
         self.mon = recipe.monitor
@@ -139,7 +128,9 @@ class Trainer:
         self.device = device
         self.progress = progress
         self.on_best = on_best
+        self.validator = validator or self._eval_loss_metrics
         self.callbacks = list(callbacks)
+        self.trainable = TrainableState()  # which parameters may change, shared by the callbacks
         self.param_starts: dict[str, int] = {}
         self.pad_id = tokenizer.pad_token_id
         if not data.train:
@@ -194,7 +185,7 @@ class Trainer:
             self._epoch_cache = {epoch: self._epoch_batches(epoch)}
         return self._epoch_cache[epoch]
 
-    def _micro_batch(self, index: int) -> dict:
+    def micro_batch(self, index: int) -> dict:
         """Micro-batch ``index`` of the run-long stream: epochs follow one another, each reshuffled (and
         re-augmented) by (seed, epoch), so a resumed run draws exactly what the uninterrupted one would.
         With packing an epoch's row count can vary, hence the walk over epoch lengths."""
@@ -224,14 +215,14 @@ class Trainer:
                 signal.signal(s, handler)
 
     # -- logging and saving --------------------------------------------------------------------
-    def _log(self, record: dict) -> None:
+    def log(self, record: dict) -> None:
         self.history.append(record)
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    def _say(self, text: str, bar=None) -> None:
+    def say(self, text: str, bar=None) -> None:
         if not is_main_process():
             return
         if bar is not None:
@@ -287,7 +278,7 @@ class Trainer:
         """Accumulate gradients over the step's micro-batches. Returns (mean loss, tokens seen);
         the loss is non-finite when a micro-batch's was (its gradients are then dropped)."""
         cfg = self.cfg
-        micro = [self._micro_batch(self.step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
+        micro = [self.micro_batch(self.step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
         label_tokens = sum(count_label_tokens(b) for b in micro)
         if label_tokens == 0:
             raise DeftuneError(f"Step {self.step + 1}: no response tokens in the batch (all labels -100)")
@@ -333,7 +324,7 @@ class Trainer:
             what = "loss" if not math.isfinite(loss) else "grad_norm"
             self.nonfinite_run += 1
             stop = self.nonfinite_run >= self.mon.max_nonfinite
-            self._log({"step": step_no, "event": "nonfinite", "what": what, "action": "stop" if stop else "skip"})
+            self.log({"step": step_no, "event": "nonfinite", "what": what, "action": "stop" if stop else "skip"})
             if stop:
                 self._stop_without_update(
                     f"Non-finite {what} at step {step_no} ({self.nonfinite_run} step(s) in a row, "
@@ -350,7 +341,7 @@ class Trainer:
                 mean, std = band
                 event = {"step": step_no, "event": "grad_spike", "grad_norm": round(grad_norm, 6),
                          "mean": round(mean, 6), "std": round(std, 6), "z": round(z, 3), "action": self.mon.guard}
-                self._log(event)
+                self.log(event)
                 if self.mon.guard == "stop":
                     self._stop_without_update(
                         f"Gradient-norm guard: step {step_no} had grad norm {grad_norm:.4g}, z = {z:.2f} "
@@ -397,7 +388,7 @@ class Trainer:
             self.plateau.load_state_dict(meta.get("plateau", {}))
             self._apply_scale_now()
             resumed = str(checkpoint)
-            self._say(f"Resumed from {checkpoint} at step {self.step}/{self.total_steps}")
+            self.say(f"Resumed from {checkpoint} at step {self.step}/{self.total_steps}")
         self.board = Board(self.run_dir, self.mon.tensorboard and is_main_process())
         try:
             return self._loop(resumed)
@@ -439,7 +430,7 @@ class Trainer:
                             "elapsed_s": round(time.perf_counter() - start, 2),
                             "peak_mem_gib": round(peak_memory_gib(self.device), 3),
                         }
-                        self._log(record)
+                        self.log(record)
                         self.board.scalars({k: record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s",
                                                                    "peak_mem_gib")}, self.step, "train")
                         self.board.scalars({f"layer_{i}": v for i, v in out["layers"].items()}, self.step,
@@ -487,7 +478,7 @@ class Trainer:
         for epoch, (replaced, total) in sorted(self._augment_counts.items()):
             if epoch not in self._augment_logged:
                 self._augment_logged.add(epoch)
-                self._log({"step": self.step, "epoch": epoch, "event": "augmented", "replaced": replaced,
+                self.log({"step": self.step, "epoch": epoch, "event": "augmented", "replaced": replaced,
                            "total": total})
                 self.board.scalars({"augmented": replaced}, self.step, "data")
 
@@ -495,22 +486,25 @@ class Trainer:
     def evaluate(self) -> float:
         loss = evaluate_loss(self.model, self.data.eval, self.cfg.micro_batch, self.pad_id, self.device)
         record = {"step": self.step, "eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50)), 4)}
-        self._log(record)
+        self.log(record)
         self.board.scalars(record, self.step, "eval")
         return loss
 
-    def validate(self, bar=None) -> dict:
-        from deftune.eval.validate import validation_metrics
+    def _eval_loss_metrics(self, model: nn.Module) -> dict:
+        if not self.data.eval:
+            return {}
+        loss = evaluate_loss(model, self.data.eval, self.cfg.micro_batch, self.pad_id, self.device)
+        return {"eval_loss": round(loss, 4), "eval_ppl": round(math.exp(min(loss, 50)), 3)}
 
-        metrics, _ = validation_metrics(self.model, self.tokenizer, self.data.eval, self.data.eval_samples,
-                                        self.recipe, self.device, self.recipe.eval.samples)
+    def validate(self, bar=None) -> dict:
+        metrics = self.validator(self.model)
         self.model.train()
         if not metrics:
             return metrics
-        self._log({"step": self.step, **metrics})
+        self.log({"step": self.step, **metrics})
         self.board.scalars(metrics, self.step, "eval")
         shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, str))
-        self._say(f"step {self.step} validation: {shown}", bar)
+        self.say(f"step {self.step} validation: {shown}", bar)
         return metrics
 
     def _after_validation(self, metrics: dict, bar=None) -> bool:
@@ -520,18 +514,18 @@ class Trainer:
             return False
         outcome = self.plateau.update(float(metrics[name]))
         if outcome["best"]:
-            self._log({"step": self.step, "event": "best", "metric": name, "value": metrics[name]})
+            self.log({"step": self.step, "event": "best", "metric": name, "value": metrics[name]})
             if self.on_best is not None and is_main_process():
                 self.on_best(self.run_dir / "best")
         if outcome["reduced"]:
             self._apply_scale_now()
-            self._log({"step": self.step, "event": "lr_reduced", "metric": name,
+            self.log({"step": self.step, "event": "lr_reduced", "metric": name,
                        "factor": self.recipe.eval.plateau_factor, "lr_scale": self.plateau.scale})
-            self._say(f"step {self.step}: {name} has not improved for {self.plateau.patience} evaluations; "
+            self.say(f"step {self.step}: {name} has not improved for {self.plateau.patience} evaluations; "
                       f"LR x{self.recipe.eval.plateau_factor} (scale now {self.plateau.scale:g})", bar)
         if outcome["stop"]:
-            self._log({"step": self.step, "event": "early_stop", "metric": name})
-            self._say(f"step {self.step}: early stop, {name} has not improved for "
+            self.log({"step": self.step, "event": "early_stop", "metric": name})
+            self.say(f"step {self.step}: early stop, {name} has not improved for "
                       f"{self.plateau.since_best} evaluations", bar)
             return True
         return False
@@ -540,14 +534,14 @@ class Trainer:
         grid = self.updates.measure(self.model)
         if not grid["layers"]:
             return
-        self._log({"step": self.step, "event": "update_heatmap", **grid})
+        self.log({"step": self.step, "event": "update_heatmap", **grid})
         if not is_main_process():
             return
         flat = {f"L{layer}/{m}": v for layer, row in zip(grid["layers"], grid["values"])
                 for m, v in zip(grid["modules"], row) if v is not None}
         self.board.scalars(flat, self.step, "update")
         if self.mon.tensorboard or self.mon.report:
-            from deftune.train.report import save_heatmap_png
+            from deftune.training.report import save_heatmap_png
 
             path = self.run_dir / "heatmaps" / f"step-{self.step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_recipe
 
 from deftune.api import train
-from deftune.train import loop
-from deftune.train.monitor import GradNormGuard, PlateauController
-from deftune.train.report import ineffective_modules
+from deftune.training import loop
+from deftune.training.monitor import GradNormGuard, PlateauController
+from deftune.training.report import ineffective_modules
 
 
 def _records(run):
@@ -18,7 +18,7 @@ def _records(run):
 
 def _spike_at(monkeypatch, step, factor=1e4, micro=2):
     """Scale the training loss of optimizer step ``step`` so its gradient norm jumps."""
-    from deftune.train import loss as loss_module
+    from deftune.training import loss as loss_module
 
     real = loss_module.response_loss_sum
     calls = {"n": 0}
@@ -97,7 +97,7 @@ def test_trainer_lowers_lr_right_after_third_bad_evaluation(tiny_llama_dir, copy
 
     def fake_validate(self, bar=None):
         metrics = {"eval_loss": next(scripted)}
-        self._log({"step": self.step, **metrics})
+        self.log({"step": self.step, **metrics})
         return metrics
 
     original_step = loop.Trainer.train_step
@@ -132,16 +132,16 @@ def test_early_stop_after_patience(tiny_llama_dir, copy_task_file, tmp_path, mon
 
 
 def test_frozen_adapter_shows_as_ineffective(tiny_llama_dir, copy_task_file, tmp_path, monkeypatch):
-    import deftune.api as api
+    from deftune.recipes import sft
 
-    original = api.prepare_model
+    original = sft.prepare_model
 
     def freeze_one(recipe, model, device):
         spec = original(recipe, model, device)
         model.get_submodule("model.layers.0.self_attn.q_proj").lora_B.weight.requires_grad_(False)
         return spec
 
-    monkeypatch.setattr(api, "prepare_model", freeze_one)
+    monkeypatch.setattr(sft, "prepare_model", freeze_one)
     run = tmp_path / "run"
     train(tiny_recipe(tiny_llama_dir, copy_task_file, run, monitor={"heatmap_every": 3}), progress=False)
     heatmaps = [r for r in _records(run) if r.get("event") == "update_heatmap"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deftune.adapters.lora.layer import LoRALinear
-from deftune.eval.names import HIGHER_IS_BETTER
+from deftune.config import HIGHER_IS_BETTER
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from deftune.errors import DeftuneError, MissingExtraError
-from deftune.train.report import build_report, grad_norm_band, ineffective_modules, read_metrics
+from deftune.training.report import build_report, grad_norm_band, ineffective_modules, read_metrics
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None, reason="plots need the 'monitor' extra (matplotlib)"

@@ -12,7 +12,7 @@ from conftest import save_tiny_llama, tiny_recipe
 
 from deftune.api import train
 from deftune.models.arch import decoder_layers
-from deftune.train import loop
+from deftune.training import loop
 
 LAYERS = 4
 

@@ -8,8 +8,8 @@ from conftest import tiny_recipe, wire_trainer
 
 from deftune.api import train
 from deftune.errors import DeftuneError
-from deftune.train import loop
-from deftune.train.stages import stage_targets_union
+from deftune.training import loop
+from deftune.training.callbacks.stages import stage_targets_union
 
 STAGES = [{"targets": "attention", "steps": 3}, {"targets": "attention+mlp"}]
 

@@ -9,8 +9,11 @@ still save in PEFT's format and the model still loads anywhere. What is swapped:
   the model's own forward, so cache handling stays transformers');
 - every MLP ``down(silu(gate(x)) * up(x))`` -> ``down(swiglu(gate(x), up(x)))``;
 - every LoRA projection without dropout -> :func:`~deftune.kernels.lora_linear.lora_linear`;
-- the LM head + loss -> :func:`~deftune.kernels.linear_ce.linear_cross_entropy` (flag
-  ``model._deftune_fast`` read by ``deftune.train.loss``).
+- the LM head + loss -> :func:`~deftune.kernels.linear_ce.linear_cross_entropy` (:func:`fast_loss_sum`,
+  called by ``deftune.training.loss`` for a patched model).
+
+Which models are patched, and how many modules each kernel took over, is kept here (:func:`fast_counts`),
+not on the model object.
 
 Gemma (GeGLU MLP, ``(1 + w)`` RMSNorm, logit soft-capping) and other families are not patched.
 """
@@ -21,6 +24,7 @@ import functools
 import inspect
 import sys
 import types
+import weakref
 from typing import Callable
 
 import torch
@@ -30,26 +34,35 @@ from deftune.adapters.lora.layer import LoRALinear
 from deftune.kernels.linear_ce import linear_cross_entropy
 from deftune.kernels.lora_linear import (
     compute_dtype,
-    grouped_weights,
     lora_group,
     lora_linear_given,
     swiglu_lora_linear,
 )
-from deftune.kernels.offload import current_mlp_stash
+from deftune.fast_path.stash import current_mlp_stash
 from deftune.kernels.rmsnorm import rms_norm
 from deftune.kernels.rope import rope_qk
 from deftune.kernels.swiglu import swiglu
 from deftune.kernels.varlen import is_segment_mask, varlen_causal_attention
-from deftune.models.patch import pieces
+from deftune.models.surgery import pieces
 
-__all__ = ["SUPPORTED", "apply_fast_path", "fast_loss_sum", "is_fast"]
+__all__ = ["SUPPORTED", "apply_fast_path", "fast_counts", "fast_loss_sum", "is_fast", "stash_ready"]
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 _SILU = ("silu", "swish")
 
 
+# Patched models -> how many modules each kernel took over (weak keys: a model freed is forgotten).
+_PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def is_fast(model: nn.Module) -> bool:
-    return bool(getattr(model, "_deftune_fast", False))
+    """Whether :func:`apply_fast_path` patched ``model``."""
+    return model in _PATCHED
+
+
+def fast_counts(model: nn.Module) -> dict[str, int]:
+    """What :func:`apply_fast_path` returned for ``model`` (empty when it is not patched)."""
+    return dict(_PATCHED.get(model, {}))
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -59,10 +72,7 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     stash = current_mlp_stash()
     if stash is None or stash.recording:
-        # 4-bit gate/up dequantized in one launch when grouping is on (DEFTUNE_NF4_GROUP_MIB; a replay
-        # below reads neither weight).
-        with grouped_weights(_fused_bases(self, ("gate_proj", "up_proj"))):
-            gate, up = _project(self, x, ("gate_proj", "up_proj"))
+        gate, up = _project(self, x, ("gate_proj", "up_proj"))
         if stash is not None:  # first forward of a layer that keeps its gate/up outputs (host or GPU memory)
             stash.keep(gate)
             stash.keep(up)
@@ -77,13 +87,6 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _fused(module: nn.Module) -> bool:
     return isinstance(module, LoRALinear) and module.fused and not module.merged
-
-
-def _fused_bases(module: nn.Module, names: tuple[str, ...]) -> list:
-    """The frozen bases of ``module``'s fused LoRA projections among ``names`` (those whose weight the
-    fused path reads through ``base_weight``)."""
-    projections = [getattr(module, name, None) for name in names]
-    return [p.base_layer for p in projections if _fused(p)]
 
 
 def _project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...], values: list | None = None) -> list:
@@ -101,9 +104,9 @@ def _project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...], values:
 
 
 def stash_ready(model: nn.Module) -> str:
-    """Empty when every MLP can hand its gate/up outputs to :class:`deftune.kernels.offload.MlpStash`
+    """Empty when every MLP can hand its gate/up outputs to :class:`deftune.fast_path.stash.MlpStash`
     (fast path on, gate_proj and up_proj fused LoRA projections), else what is missing."""
-    if not is_fast(model) or not model._deftune_fast_counts.get("swiglu"):
+    if not fast_counts(model).get("swiglu"):
         return "model.fast on a Llama, Qwen2/3 or Mistral model (its patched MLPs keep the outputs)"
     for name, mlp in pieces(model).mlps:
         for proj in ("gate_proj", "up_proj"):
@@ -145,15 +148,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     """transformers' Llama/Qwen2/Qwen3/Mistral attention forward with RoPE from ``rope_qk``.
 
     The KV cache is named ``cache`` in transformers >= 5.2x and ``past_key_values`` before; with one (or
-    any call shape not seen in training) the model's own forward runs. 4-bit q/k/v/o weights are
-    dequantized in one launch for the block when grouping is on (opt-in, see
-    :func:`~deftune.kernels.lora_linear.grouped_weights`).
+    any call shape not seen in training) the model's own forward runs.
     """
-    with grouped_weights(_fused_bases(self, ("q_proj", "k_proj", "v_proj", "o_proj"))):
-        return _attention_body(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-
-
-def _attention_body(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_embeddings is None or args:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
@@ -237,7 +233,7 @@ def apply_fast_path(model: nn.Module, log: Callable[[str], None] = print) -> dic
             f"soft-capping); training on the plain path")
         return {}
     if is_fast(model):
-        return dict(model._deftune_fast_counts)
+        return fast_counts(model)
     found = pieces(model)
     counts = {"rms_norm": 0, "rope": 0, "swiglu": 0, "lora_linear": 0, "linear_cross_entropy": 0}
     notes = []
@@ -286,8 +282,7 @@ def apply_fast_path(model: nn.Module, log: Callable[[str], None] = print) -> dic
     else:
         notes.append("linear_cross_entropy: the LM head is not a bias-free nn.Linear; plain loss")
 
-    model._deftune_fast = True
-    model._deftune_fast_counts = dict(counts)
+    _PATCHED[model] = dict(counts)
     log(f"fast path: rms_norm {counts['rms_norm']} modules, rope {counts['rope']} attention modules, "
         f"swiglu {counts['swiglu']} MLPs, lora_linear {counts['lora_linear']} projections, "
         f"linear_cross_entropy {counts['linear_cross_entropy']} head")
@@ -299,7 +294,7 @@ def apply_fast_path(model: nn.Module, log: Callable[[str], None] = print) -> dic
 def fast_loss_sum(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
     """Summed cross-entropy of the labelled ``hidden`` rows [N, H] through the LM head without the full
     logits matrix, or None when the model's head is not fused (plain loss then)."""
-    if not model._deftune_fast_counts.get("linear_cross_entropy"):
+    if not fast_counts(model).get("linear_cross_entropy"):
         return None
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None) or None
@@ -314,7 +309,7 @@ MOE_TYPES = frozenset({"deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "
 
 def _apply_moe_fast_path(model: nn.Module, model_type: str, log: Callable[[str], None]) -> dict[str, int]:
     if is_fast(model):
-        return dict(model._deftune_fast_counts)
+        return fast_counts(model)
     found = pieces(model)
     counts = {"rms_norm": 0, "rope": 0, "swiglu": 0, "lora_linear": 0, "linear_cross_entropy": 0}
     for _name, norm in found.norms:
@@ -329,8 +324,7 @@ def _apply_moe_fast_path(model: nn.Module, model_type: str, log: Callable[[str],
     head = found.lm_head
     if isinstance(head, nn.Linear) and head.bias is None:
         counts["linear_cross_entropy"] = 1
-    model._deftune_fast = True
-    model._deftune_fast_counts = dict(counts)
+    _PATCHED[model] = dict(counts)
     log(f"fast path ({model_type}, MoE): rms_norm {counts['rms_norm']} modules, lora_linear "
         f"{counts['lora_linear']} projections, linear_cross_entropy {counts['linear_cross_entropy']} head; "
         "attention and RoPE stay on transformers' code")

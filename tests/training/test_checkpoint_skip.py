@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers
 
-from deftune import api
+from deftune.recipes import sft
 from deftune.adapters.lora.model import attach_lora
 from deftune.config import recipe_from_dict
 from deftune.errors import DeftuneError
-from deftune.kernels import offload
+from deftune.fast_path import offload
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +58,7 @@ def _recipe(skip: int, offload_on: bool = False):
 def test_skipped_top_layers_run_once_and_gradients_do_not_change():
     _, reference = _run(_model())
     model = _model()
-    assert api.enable_checkpointing(_recipe(1), model)
+    assert sft.enable_checkpointing(_recipe(1), model)
     counts, grads = _run(model)
     assert counts == [2, 2, 1]
     for name, g in reference.items():
@@ -74,6 +74,6 @@ def test_offloaded_checkpointing_keeps_the_top_layers_too():
 
 def test_skip_larger_than_the_model_is_refused():
     with pytest.raises(DeftuneError, match="train.checkpoint_skip=4: the model has 3 decoder layers"):
-        api.enable_checkpointing(_recipe(4), _model())
+        sft.enable_checkpointing(_recipe(4), _model())
     with pytest.raises(DeftuneError, match="train.checkpoint_skip"):
         recipe_from_dict({"train": {"checkpoint_skip": -1}})

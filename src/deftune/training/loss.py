@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deftune.models.patch import decoder_backbone, logits_from_hidden
+from deftune.fast_path.patch import fast_loss_sum, is_fast
+from deftune.kernels.varlen import segment_mask
+from deftune.models.surgery import decoder_backbone, logits_from_hidden
 
 IGNORE_INDEX = -100
 
@@ -26,8 +28,6 @@ def backbone_inputs(batch: dict) -> dict:
     inputs = {k: batch[k] for k in keys if k in batch}
     if "cu_seqlens" in batch:
         # Padding-free row: the example boundaries travel to every attention module as its mask argument.
-        from deftune.kernels.varlen import segment_mask
-
         inputs["attention_mask"] = segment_mask(batch["cu_seqlens"])
     return inputs
 
@@ -46,10 +46,8 @@ def response_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]
     # freed now, it is not held through the head and the loss, where a step's memory peaks.
     del hidden
     targets = labels.reshape(-1).index_select(0, target_at)
-    if getattr(model, "_deftune_fast", False):
+    if is_fast(model):
         # model.fast: the head and the loss fused (deftune.kernels.linear_ce), no logits matrix kept.
-        from deftune.kernels.patch import fast_loss_sum
-
         loss = fast_loss_sum(model, picked, targets)
         if loss is not None:
             # The count from the selection's shape: int(keep.sum()) would wait on the GPU a second time.

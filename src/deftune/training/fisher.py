@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deftune.training.loss import response_loss_sum
+from deftune.training.loop import autocast_context, move
+
 
 def fisher_scores(model: nn.Module, params: dict[str, nn.Parameter], micro_batches, device: torch.device
                   ) -> dict[str, torch.Tensor]:
@@ -31,9 +34,6 @@ def fisher_scores(model: nn.Module, params: dict[str, nn.Parameter], micro_batch
     Runs in train mode (dropout as in training); gradients are cleared afterwards and the torch RNG state
     is restored, so the training run that follows is unchanged. Non-finite micro-batches are skipped.
     """
-    from deftune.train.loop import autocast_context, move
-    from deftune.train.loss import response_loss_sum
-
     scores = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     was_training = model.training
     cpu_rng = torch.get_rng_state()

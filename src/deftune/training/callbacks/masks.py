@@ -9,16 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from deftune.adapters.masks.fisher import fisher_scores, top_k_mask
+from deftune.training.fisher import fisher_scores, top_k_mask
 from deftune.adapters.masks.select import allowed_by_name_and_layer
 from deftune.config import Recipe
 from deftune.errors import DeftuneError
 from deftune.models.arch import num_layers, parse_layers
-from deftune.train.loop import Callback
-
-# Set on a parameter the mask froze, so callbacks that unfreeze later (progressive unfreezing) leave it be.
-MASK_FROZEN = "_deftune_mask_frozen"
-
+from deftune.training.callbacks.base import Callback
+from deftune.training.fisher import fisher_scores, top_k_mask
 
 def _mask_digest(masks: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
@@ -70,16 +67,13 @@ class GradientMaskCallback(Callback):
             parts.append(f"mask.layers={self.layers_spec!r}")
         return " and ".join(parts) or "the mask"
 
-    def _apply_name_layer_mask(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        from deftune.train.stages import STAGE_PENDING
-
+    def _apply_name_layer_mask(self, model: nn.Module, trainable) -> dict[str, nn.Parameter]:
         # Trainable now or later (progressive unfreezing may have frozen later stages' tensors already).
-        before = {n: p for n, p in model.named_parameters() if p.requires_grad or getattr(p, STAGE_PENDING, False)}
+        before = trainable.trainable_now_or_later(model)
         for name, p in model.named_parameters():
             if not allowed_by_name_and_layer(name, self.patterns, self.layers):
-                setattr(p, MASK_FROZEN, True)
-                p.requires_grad_(False)
-        allowed = {n: p for n, p in before.items() if not getattr(p, MASK_FROZEN, False)}
+                trainable.freeze_by_mask(name, p)
+        allowed = {n: p for n, p in before.items() if trainable.may_train(n)}
         if not allowed:
             sample = ", ".join(list(before)[:4]) or "none"
             raise DeftuneError(
@@ -90,7 +84,7 @@ class GradientMaskCallback(Callback):
         return allowed
 
     def _apply_fisher_mask(self, trainer, params: dict[str, nn.Parameter]) -> None:
-        batches = (trainer._micro_batch(i) for i in range(self.fisher_batches))
+        batches = (trainer.micro_batch(i) for i in range(self.fisher_batches))
         # Tensors of later stages are scored too: the mask is fixed for the whole run.
         waiting = [p for p in params.values() if not p.requires_grad]
         for p in waiting:
@@ -118,13 +112,12 @@ class GradientMaskCallback(Callback):
         for name in names:
             p, m = params[name], self.fisher_masks[name]
             if not bool(m.any()):
-                setattr(p, MASK_FROZEN, True)
-                p.requires_grad_(False)
+                trainer.trainable.freeze_by_mask(name, p)
             elif not bool(m.all()):
                 self._partial[name] = (p, m)
 
     def on_train_start(self, trainer) -> None:
-        allowed = self._apply_name_layer_mask(trainer.model)
+        allowed = self._apply_name_layer_mask(trainer.model, trainer.trainable)
         before = sum(p.numel() for p in allowed.values())
         note = f"Gradient mask: {before:,} elements in {len(allowed)} tensors may change"
         if self.fisher_keep > 0:
@@ -133,8 +126,8 @@ class GradientMaskCallback(Callback):
             note += (f"; FISH mask keeps {self.fisher_kept:,} of {self.fisher_total:,} "
                      f"({100 * self.fisher_keep:g}%), {frozen} tensors left with none")
         trainer.rebuild_optimizer()
-        trainer._say(note)
-        trainer._log({"step": trainer.step, "event": "gradient_mask", "tensors": len(allowed),
+        trainer.say(note)
+        trainer.log({"step": trainer.step, "event": "gradient_mask", "tensors": len(allowed),
                       "elements": before, "fisher_kept": self.fisher_kept, "fisher_total": self.fisher_total})
 
     # -- per step --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 
 from deftune.adapters.lora.model import attach_lora
-from deftune.train.loss import IGNORE_INDEX, labelled_positions, response_loss_sum
+from deftune.training.loss import IGNORE_INDEX, labelled_positions, response_loss_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +75,7 @@ def test_a_batch_without_labelled_tokens_gives_zero_and_back_propagates():
 def test_positions_found_on_the_host_are_used_as_given():
     """train.loop.move finds the labelled positions on the CPU before the copy to the GPU; the loss takes
     them instead of asking the GPU (checked here with positions that keep only the first row's targets)."""
-    from deftune.train.loop import move
+    from deftune.training.loop import move
 
     ids, labels = _labels()
     moved = move({"input_ids": ids, "labels": labels}, torch.device("meta"))

@@ -1,0 +1,1 @@
+"""Method ``full``: ordinary fine-tuning of the chosen modules' weights (:mod:`.method`)."""
