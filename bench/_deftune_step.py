@@ -80,11 +80,10 @@ def build(model_dir: str, device: str, fast: bool, quantize: str, offload: bool,
     overrides). Returns a dict."""
     import torch
 
-    from deftune.models.load import resolve_device
+    from deftune.config import load_recipe
+    from deftune.models.load import load_model, resolve_device
     from deftune.recipes import sft
     from deftune.training.loop import seed_everything
-    from deftune.config import load_recipe
-    from deftune.models.load import load_model
     from deftune.training.optim import build_optimizer
 
     overrides, used, missing = recipe_overrides(model_dir, device, fast, quantize, offload, rank, seq)

@@ -28,14 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def step_times(layers: str, steps: int, threads: int) -> dict:
-    from deftune.models.load import resolve_device
-    from deftune.recipes.sft import count_params, prepare_model
-    from deftune.training.loop import seed_everything
     from deftune.config import recipe_from_dict
     from deftune.data import prepare_data
     from deftune.data.tokenize import ensure_pad_token
-    from deftune.models.load import load_model
-    from deftune.training.loop import Trainer
+    from deftune.models.load import load_model, resolve_device
+    from deftune.recipes.sft import count_params, prepare_model
+    from deftune.training.loop import Trainer, seed_everything
 
     out = tempfile.mkdtemp(prefix="deftune-layer-bench-")
     recipe = recipe_from_dict({

@@ -38,9 +38,9 @@ def batches(vocab: int, steps: int, bs: int, seq: int, device: str) -> list[torc
 
 
 def run_deftune(folder: str, data, args) -> tuple[list[float], dict, torch.nn.Module, object]:
-    from deftune.recipes.sft import enable_checkpointing, prepare_model
     from deftune.config import load_recipe
     from deftune.models.load import load_model
+    from deftune.recipes.sft import enable_checkpointing, prepare_model
     from deftune.training.loss import response_loss_sum
 
     offload = args.device == "cuda"

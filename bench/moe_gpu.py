@@ -78,8 +78,8 @@ def ds_v2_lite_config(tiny: bool = False):
 def run_deftune(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from deftune.recipes.sft import enable_checkpointing, prepare_model
     from deftune.config import recipe_from_dict
+    from deftune.recipes.sft import enable_checkpointing, prepare_model
     from deftune.training.loss import response_loss_sum
 
     cfg = ds_v2_lite_config(args.tiny)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -586,7 +587,6 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 def field_docs(cls=Recipe, prefix: str = "") -> dict[str, str]:
     """Every recipe key with its comment, read from this file: the README's key table is built from it."""
-    import inspect
 
     source = inspect.getsource(cls).splitlines()
     docs: dict[str, str] = {}

@@ -4,6 +4,8 @@ The CLI prints these as a single clear message without a traceback; anything els
 its traceback.
 """
 
+import importlib
+
 
 class DeftuneError(Exception):
     """A problem in the user's input (recipe, data, model path) with a message saying how to fix it."""
@@ -23,8 +25,6 @@ class MissingExtraError(DeftuneError, ImportError):
 
 def require(module: str, extra: str, purpose: str):
     """Import an optional module lazily, or raise MissingExtraError naming the extra to install."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:

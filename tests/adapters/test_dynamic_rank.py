@@ -18,11 +18,11 @@ from deftune.training.callbacks.dynamic_rank import DynamicRankCallback, from_re
 
 def _build(recipe):
     """What api.train does up to the Trainer, with the dynamic-rank callback attached."""
-    from deftune.recipes.sft import prepare_model
-    from deftune.training.loop import seed_everything
     from deftune.data import prepare_data
     from deftune.data.tokenize import ensure_pad_token
     from deftune.models.load import load_model
+    from deftune.recipes.sft import prepare_model
+    from deftune.training.loop import seed_everything
 
     device = torch.device("cpu")
     seed_everything(recipe.train.seed)

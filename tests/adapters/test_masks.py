@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import tiny_recipe, wire_trainer
 
-from deftune.training.callbacks import masks
-from deftune.training.fisher import top_k_mask
 from deftune.api import train
 from deftune.errors import DeftuneError
 from deftune.training import loop
+from deftune.training.callbacks import masks
+from deftune.training.fisher import top_k_mask
 
 
 class Probe(loop.Callback):

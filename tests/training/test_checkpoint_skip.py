@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers
 
-from deftune.recipes import sft
 from deftune.adapters.lora.model import attach_lora
 from deftune.config import recipe_from_dict
 from deftune.errors import DeftuneError
 from deftune.fast_path import offload
+from deftune.recipes import sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,8 +19,8 @@ from torch import nn
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.adapters.lora.model import LoraSpec, lora_modules, lora_state_dict
 from deftune.errors import DeftuneError
-from deftune.models.surgery import replace_module
 from deftune.models.quantize import NF4Linear
+from deftune.models.surgery import replace_module
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

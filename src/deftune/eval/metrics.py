@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import re
 import string
 import unicodedata
@@ -126,7 +127,7 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
 @functools.cache
 def _sacrebleu_tokenizer_available(name: str) -> bool:
     """Whether sacrebleu can build tokenizer ``name`` (the MeCab ones need the sacrebleu[ja]/[ko] extras)."""
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU  # sacrebleu: optional (extra `metrics`), only for BLEU
 
     try:
         BLEU(tokenize=name)
@@ -161,7 +162,7 @@ def bleu4(
     """
     _check_pairs(predictions, references)
     require("sacrebleu", "metrics", "BLEU-4 scoring")
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU  # sacrebleu: optional (extra `metrics`), only for BLEU
 
     tokenizer = _bleu_tokenizer(_resolve_language(language, references))
     if not references:
@@ -201,8 +202,6 @@ def rouge_l(
     """
     _check_pairs(predictions, references)
     rouge_scorer = require("rouge_score.rouge_scorer", "metrics", "ROUGE-L scoring")
-    import logging
-
     # rouge-score announces "Using default tokenizer." through absl at INFO on every validation.
     logging.getLogger("absl").setLevel(logging.WARNING)
 

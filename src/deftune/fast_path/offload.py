@@ -27,18 +27,15 @@ so N is chosen so that the copies hide behind compute (the copy-out queue is cap
 from __future__ import annotations
 
 import collections
-import contextvars
 import functools
 import types
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from deftune.errors import DeftuneError
 from deftune.fast_path.patch import stash_ready
 from deftune.fast_path.stash import (
-    MAX_PENDING_COPIES,
     MlpStash,
     OffloadedTensor,
     current_mlp_stash,

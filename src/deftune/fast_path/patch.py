@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from deftune.adapters.lora.layer import LoRALinear
+from deftune.fast_path.stash import current_mlp_stash
 from deftune.kernels.linear_ce import linear_cross_entropy
 from deftune.kernels.lora_linear import (
     compute_dtype,
@@ -38,7 +39,6 @@ from deftune.kernels.lora_linear import (
     lora_linear_given,
     swiglu_lora_linear,
 )
-from deftune.fast_path.stash import current_mlp_stash
 from deftune.kernels.rmsnorm import rms_norm
 from deftune.kernels.rope import rope_qk
 from deftune.kernels.swiglu import swiglu

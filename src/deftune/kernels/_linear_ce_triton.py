@@ -16,12 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-
 IGNORE_INDEX = -100
 _IGNORE_INDEX = tl.constexpr(IGNORE_INDEX)  # compiled kernels may read only constexpr globals
 # Default budget for one chunk's logits. The loss is where a LoRA step's memory peaks (every layer kept
 # for backward is alive), so the chunk adds straight to the peak: 128 MiB is 523 rows of a 128k
-# vocabulary in bf16, still a GEMM that fills an H200 (measured: bench/results/gpu_peers_llama-1b.json).
+# vocabulary in bf16, still a GEMM large enough to fill a datacenter GPU.
 _CHUNK_BYTES = 128 * 2**20
 
 

@@ -14,10 +14,8 @@ import triton.language as tl
 from deftune.kernels import triton_interpreting
 
 _BYTES_PER_PROGRAM = 1024
-# Chosen by bench/kernels_vs_liger.py's sweep on an H200 (bench/results/kernels_vs_liger_34b9fa3.json):
-# a lane per output element, 1024 bytes and 2 warps per program: 0.054 ms at [8192, 2048] and 0.110 ms at
-# [14336, 4096], against 0.067 / 0.153 ms for the byte-lane layout with 4 warps and 0.103 / 0.163 ms for
-# bitsandbytes in the same call (timed back to back: these small kernels' figures include launch time).
+# A lane per output element, 1024 bytes and 2 warps per program: the fastest layout of the sweep in
+# bench/kernels_vs_liger.py on an H200 (figures in docs/performance.md).
 _NUM_WARPS = 2
 _ELEMENTS = True  # a lane per output element (contiguous stores); False: a lane per byte (interleaved pairs)
 

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 at 8192 x 4096 x many

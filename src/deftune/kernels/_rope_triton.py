@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _rope_heads(
     X, Y, c1, c2, s1, s2, b, t, n_heads,

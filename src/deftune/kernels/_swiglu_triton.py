@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 _BLOCK = 1024
 
 

@@ -59,6 +59,7 @@ def linear_cross_entropy(
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if use_triton(hidden, weight, targets):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._linear_ce_triton import linear_cross_entropy_triton
 
         return linear_cross_entropy_triton(hidden, weight, targets, reduction, softcap, chunk_size)

@@ -203,7 +203,7 @@ class FrozenAddmmFunction(torch.autograd.Function):
     def forward(ctx, low, x2, w0):
         # In place: the GEMM's epilogue adds x W0^T onto low (beta = 1). torch.addmm(low, ...) would first
         # copy low into a new output -- a device-to-device copy of every projection's [tokens, out] output,
-        # 13 per layer and step (4.6% of a 1B step on an H200, and serialised behind the offload's PCIe
+        # 13 per layer and step (serialised behind the offload's PCIe
         # copies on the copy engine). low is the adapter Function's own fresh output, read by nothing else.
         ctx.mark_dirty(low)
         return low.addmm_(x2, w0.t())

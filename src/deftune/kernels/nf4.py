@@ -23,7 +23,7 @@ import torch
 from deftune.kernels import use_triton
 
 __all__ = ["NF4_CODE_VALUES", "BLOCK_SIZE", "nf4_code_book", "pack_nibbles", "unpack_nibbles",
-           "absmax_from_codes", "dequantize_nf4", "dequantize_nf4_double", "dequantize_nf4_double_group",
+           "absmax_from_codes", "dequantize_nf4", "dequantize_nf4_double",
            "dequantize_nf4_reference"]
 
 # NF4 code book, the table in the QLoRA paper's Appendix E. Construction (Sec. 3 of the paper): the
@@ -74,6 +74,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, numel: int,
     Triton on CUDA or under ``TRITON_INTERPRET=1``; the PyTorch reference otherwise. Equal bit for bit.
     """
     if use_triton(packed, absmax):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._nf4_triton import dequantize_nf4_triton
 
         return dequantize_nf4_triton(packed, absmax, numel, dtype, nf4_code_book(packed.device), BLOCK_SIZE)
@@ -90,6 +91,7 @@ def dequantize_nf4_double(packed: torch.Tensor, absmax_codes: torch.Tensor, absm
     On a GPU the kernel may fuse ``k * step + m`` into one FMA, so c' can differ from the reference in its
     last float32 bit there; under the interpreter the two are equal bit for bit."""
     if use_triton(packed, absmax_codes):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._nf4_triton import dequantize_nf4_double_triton
 
         return dequantize_nf4_double_triton(packed, absmax_codes, absmax_scale, absmax_mean, numel, dtype,

@@ -30,6 +30,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     The backward always gives ``dx``; ``dw`` only when ``weight.requires_grad``.
     """
     if use_triton(x, weight):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._rmsnorm_triton import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)

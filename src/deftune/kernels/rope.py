@@ -42,6 +42,7 @@ def rope_qk(
     Returns ``(q_out, k_out)`` in the dtypes and shapes of ``q`` and ``k``.
     """
     if use_triton(q, k, cos, sin):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._rope_triton import rope_qk_triton
 
         return rope_qk_triton(q, k, cos, sin)

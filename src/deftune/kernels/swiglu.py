@@ -29,6 +29,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
     gradients over ``gate`` and ``up`` -- only for callers that never read those tensors after backward
     (the patched MLP, whose gate/up outputs feed nothing else)."""
     if use_triton(gate, up):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._swiglu_triton import swiglu_triton
 
         return swiglu_triton(gate, up, inplace_backward)
@@ -38,6 +39,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
 def swiglu_values(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` without autograd (for Functions with their own backward)."""
     if use_triton(gate, up):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._swiglu_triton import swiglu_fwd
 
         return swiglu_fwd(gate.contiguous(), up.contiguous())
@@ -48,6 +50,7 @@ def swiglu_backward_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> 
     """(dgate, dup) of ``silu(gate) * up`` for the upstream ``dh`` (formulas in the module docstring),
     written over ``gate`` and ``up`` (contiguous), which the caller must not need afterwards."""
     if use_triton(dh, gate, up):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._swiglu_triton import swiglu_bwd_
 
         return swiglu_bwd_(dh, gate, up)
@@ -65,6 +68,7 @@ def swiglu_backward_with_values_(dh: torch.Tensor, gate: torch.Tensor, up: torch
     the three is written). ``gate``, ``up`` (contiguous) and ``dh`` must not be needed afterwards.
     Returns ``dh`` holding h (in dh's dtype)."""
     if use_triton(dh, gate, up):
+        # the Triton module imports triton (optional extra `kernels`)
         from deftune.kernels._swiglu_triton import swiglu_bwd_values_
 
         return swiglu_bwd_values_(dh, gate, up)

@@ -74,6 +74,7 @@ def _per_example(q, k, v, bounds, scaling, window):
 def _torch_varlen():
     """(callable, call info) of torch's varlen FlashAttention, or (None, why not)."""
     try:
+        # absent from older torch: probed when padding-free attention is used
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as exc:
         return None, f"torch {torch.__version__} has no torch.nn.attention.varlen ({exc})"

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deftune.config import ModelConfig
 from deftune.errors import DeftuneError, require
+from deftune.models.quantize import quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,6 @@ def _materialise_gguf(source: ModelSource, cfg: ModelConfig) -> Path:
     if (cache / "config.json").is_file() and any(cache.glob("*.safetensors")):
         return cache
     require("gguf", "gguf", "Reading a GGUF model file")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = os.path.dirname(source.location), os.path.basename(source.location)
     log.info("Dequantizing %s (first time only; cached at %s)", source.location, cache)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -127,8 +127,6 @@ def resolve_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False, local_files_only: bool = False):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
                                          local_files_only=local_files_only)
 
@@ -136,8 +134,6 @@ def load_tokenizer(location: str, trust_remote_code: bool = False, local_files_o
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
     """Return ``(model, tokenizer, source)`` with the model on ``device`` in the configured dtype; with
     ``model.quantize=nf4`` the decoder layers' linears are then 4-bit NF4Linear (computing in that dtype)."""
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device)
     source = resolve_model(cfg.path)
     location = source.location
@@ -173,8 +169,6 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
         raise
     model.to(device)
     if cfg.quantize == "nf4":
-        from deftune.models.quantize import quantize_model
-
         # On the target device (a GPU quantizes a large model in seconds), before any adapter attaches,
         # so LoRALinear wraps the NF4Linear. Logs the module count and weight bytes before/after.
         quantize_model(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from transformers import TextStreamer
 
 from deftune.adapters.methods import get_method
 from deftune.config import load_recipe, parse_override, recipe_from_dict, recipe_to_dict, set_dotted
@@ -70,8 +71,6 @@ def generate(run_or_model: str, prompt: str, max_new_tokens: int = 128, temperat
                                                     recipe.data.system_prompt)
     streamer = None
     if stream:
-        from transformers import TextStreamer  # transformers' generation utilities: only when streaming
-
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = generate_texts(model, tokenizer, [text], max_new_tokens, batch_size=1, do_sample=temperature > 0,
                          temperature=temperature or 1.0, top_p=top_p, top_k=top_k, streamer=streamer)

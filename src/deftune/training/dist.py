@@ -7,6 +7,8 @@ import os
 
 from torch import nn
 
+from deftune.errors import DeftuneError
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -23,8 +25,6 @@ def is_main_process() -> bool:
 def wrap_model(model: nn.Module) -> nn.Module:
     """The one place the model is wrapped for parallel training. Single process: unchanged."""
     if world_size() > 1:
-        from deftune.errors import DeftuneError
-
         raise DeftuneError(
             "Multi-GPU training (WORLD_SIZE > 1) is not available yet: run on one GPU or on the CPU."
         )

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deftune.training.loss import response_loss_sum
 from deftune.training.loop import autocast_context, move
+from deftune.training.loss import response_loss_sum
 
 
 def fisher_scores(model: nn.Module, params: dict[str, nn.Parameter], micro_batches, device: torch.device

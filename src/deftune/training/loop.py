@@ -25,10 +25,13 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from deftune.config import Recipe
 from deftune.data import PreparedData, batches
+from deftune.data.augment import epoch_examples
 from deftune.errors import DeftuneError
+from deftune.training.callbacks.base import Callback
 from deftune.training.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from deftune.training.dist import is_main_process
 from deftune.training.loss import count_label_tokens, labelled_positions, response_loss_sum
@@ -40,8 +43,8 @@ from deftune.training.monitor import (
     layer_grad_norms,
     peak_memory_gib,
 )
-from deftune.training.callbacks.base import Callback
 from deftune.training.optim import build_optimizer
+from deftune.training.report import save_heatmap_png
 from deftune.training.state import TrainableState
 
 
@@ -164,8 +167,6 @@ class Trainer:
     def _epoch_batches(self, epoch: int) -> list[dict]:
         examples = self.data.train
         if self.recipe.data.augment_fraction > 0:
-            from deftune.data.augment import epoch_examples
-
             examples, replaced = epoch_examples(self.data, self.tokenizer, self.recipe.data, self.cfg.seed,
                                                 epoch, fraction=self.recipe.data.augment_fraction)
             self._augment_counts[epoch] = (replaced, len(examples))
@@ -400,8 +401,6 @@ class Trainer:
         self.model.train()
         bar = None
         if self.progress and is_main_process():
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         start = time.perf_counter()
         tokens_total = 0
@@ -541,8 +540,6 @@ class Trainer:
                 for m, v in zip(grid["modules"], row) if v is not None}
         self.board.scalars(flat, self.step, "update")
         if self.mon.tensorboard or self.mon.report:
-            from deftune.training.report import save_heatmap_png
-
             path = self.run_dir / "heatmaps" / f"step-{self.step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_heatmap_png(grid["layers"], grid["modules"], grid["values"], path,

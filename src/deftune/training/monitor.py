@@ -13,11 +13,13 @@ import resource
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.config import HIGHER_IS_BETTER
+from deftune.errors import require
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
@@ -209,10 +211,8 @@ class Board:
     def __init__(self, run_dir: Path, enabled: bool):
         self.writer = None
         if enabled:
-            from deftune.errors import require
-
             require("tensorboard", "monitor", "TensorBoard logging (monitor.tensorboard=true)")
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional (extra `monitor`)
 
             self.writer = SummaryWriter(log_dir=str(run_dir))
 
@@ -226,8 +226,7 @@ class Board:
     def image_png(self, tag: str, png_path: Path, step: int) -> None:
         if self.writer is None:
             return
-        import numpy as np
-        from PIL import Image
+        from PIL import Image  # Pillow comes with matplotlib (optional extra `monitor`)
 
         image = np.asarray(Image.open(png_path).convert("RGB"))
         self.writer.add_image(tag, image, step, dataformats="HWC")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deftune.config import TrainConfig
+from deftune.errors import DeftuneError
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
@@ -67,8 +68,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, scale=
     """
     groups = param_groups(model, cfg.weight_decay, starts)
     if not groups:
-        from deftune.errors import DeftuneError
-
         raise DeftuneError("No trainable parameters: check adapter.targets and adapter.layers")
     on_cuda = groups[0]["params"][0].is_cuda
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=on_cuda or None)

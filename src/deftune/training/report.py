@@ -18,6 +18,9 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import yaml
+
 from deftune.errors import DeftuneError, require
 
 KINDS = ("train", "eval", "events", "guard_band", "heatmap", "other", "truncated")
@@ -97,8 +100,9 @@ def _mark_event_steps(ax, events: list[dict], kind: str, label: str, **style) ->
 
 def _new_figure(width: float = 7.0, height: float = 4.0):
     require("matplotlib", "monitor", "Plotting the run report")
+    # matplotlib: optional (extra `monitor`), only for plots
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib: optional (extra `monitor`), only for plots
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -121,14 +125,12 @@ def save_heatmap_png(layers: list[int], modules: list[str], values: list[list[fl
                      path: str | Path, title: str) -> Path:
     """Draw a layer x module image of ``values`` (rows = layers, columns = modules) with a colorbar;
     null or non-finite cells stay blank. Small grids get each value written in its cell."""
-    import numpy as np
-
     _check_grid(layers, modules, values)
     grid = np.array([[v if _finite(v) else np.nan for v in row] for row in values], dtype=float)
     n_layers, n_modules = grid.shape
     fig = _new_figure(width=max(4.5, 0.7 * n_modules + 2.5), height=max(3.0, 0.32 * n_layers + 1.8))
     ax = fig.add_subplot()
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib: optional (extra `monitor`), only for plots
 
     cmap = colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
@@ -319,8 +321,6 @@ def _recipe_line(run_dir: Path) -> str | None:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         return None
-    import yaml
-
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:

@@ -20,7 +20,6 @@ for the pruning strength s = ``sensitivity`` in [0, 1].
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 import torch

@@ -11,14 +11,9 @@ The two recipe methods:
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from torch import nn
-
 from deftune.adapters.experts.layer import ExpertSubset, grouped_linear
+from deftune.adapters.experts.method import ESFT, ExpertLoRA, prepare
 from deftune.adapters.experts.model import (
-    ADAPTER_META,
-    PATCH_META,
     apply_esft_patch,
     attach_experts,
     current_selection,
@@ -37,7 +32,6 @@ from deftune.adapters.experts.select import (
     select_experts,
     top_p_experts,
 )
-from deftune.adapters.experts.method import ESFT, ExpertLoRA, prepare
 
 __all__ = [
     "ESFT",

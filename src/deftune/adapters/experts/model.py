@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deftune.adapters.experts.layer import ExpertSubset
@@ -75,8 +76,6 @@ def unwrap_experts(model: nn.Module, merge: bool = True) -> int:
 
 
 def _save(tensors: dict[str, torch.Tensor], meta: dict, folder: Path, file: str, meta_file: str) -> Path:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -120,8 +119,6 @@ def save_esft_patch(model: nn.Module, folder: Path, base_model: str) -> Path:
 
 
 def _read(folder: Path, file: str, meta_file: str, kind: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
     if not (folder / meta_file).is_file() or not (folder / file).is_file():
         raise DeftuneError(f"{folder}: no {kind} here (expected {file} and {meta_file})")
     try:

@@ -143,10 +143,10 @@ def format_table(stats: RoutingStats, kind: str, selection: Selection | None = N
 
 
 def plot_heatmap(stats: RoutingStats, kind: str, path: Path, selection: Selection | None = None) -> Path:
-    import matplotlib
+    import matplotlib  # matplotlib: optional (extra `monitor`), only for plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: optional (extra `monitor`), only for plots
 
     scores = stats.scores(kind).numpy()
     fig, ax = plt.subplots(

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from deftune.kernels.lora_linear import lora_linear
+
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -75,8 +77,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and not self.merged:
-            from deftune.kernels.lora_linear import lora_linear
-
             return lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
         out = self.base_layer(x)
         if self.merged:

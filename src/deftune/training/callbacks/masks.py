@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from deftune.training.fisher import fisher_scores, top_k_mask
 from deftune.adapters.masks.select import allowed_by_name_and_layer
 from deftune.config import Recipe
 from deftune.errors import DeftuneError
 from deftune.models.arch import num_layers, parse_layers
 from deftune.training.callbacks.base import Callback
 from deftune.training.fisher import fisher_scores, top_k_mask
+
 
 def _mask_digest(masks: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()

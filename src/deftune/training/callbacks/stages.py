@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from deftune.config import Recipe
-from deftune.errors import DeftuneError
 from deftune.adapters.stages import stage_sites as _stage_sites
 from deftune.adapters.stages import stage_targets_union
+from deftune.config import Recipe
+from deftune.errors import DeftuneError
 from deftune.training.callbacks.base import Callback
 
 __all__ = ["ProgressiveUnfreezing", "from_recipe", "stage_targets_union"]
