@@ -396,9 +396,8 @@ class ExpertsConfig:
 
 @dataclass
 class Recipe:
-    # Training method (a name in deftune.adapters.methods): lora (adapters, base frozen), full (update the
-    # chosen modules' weights), esft (full update of the selected MoE experts only) or expert-lora (LoRA on
-    # the selected experts only).
+    # Training method: lora (adapters, base frozen), full (update the chosen modules' weights), esft
+    # (full update of the selected MoE experts only) or expert-lora (LoRA on the selected experts only).
     method: str = "lora"
     # Run folder: checkpoints, metrics.jsonl, the resolved recipe, the adapter.
     output_dir: str = "runs/run"
