@@ -27,8 +27,10 @@ so N is chosen so that the copies hide behind compute (the copy-out queue is cap
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -44,18 +46,40 @@ from deftune.fast_path.stash import (
 from deftune.kernels.lora_linear import keep_dequantized_on_recompute
 from deftune.models.arch import decoder_layers
 
-__all__ = ["MlpStash", "OffloadedTensor", "current_mlp_stash", "enable_offloaded_checkpointing",
-           "offloaded_checkpoint", "wrap_decoder_layers"]
+__all__ = ["MlpStash", "OffloadedLayer", "OffloadedTensor", "current_mlp_stash",
+           "enable_offloaded_checkpointing", "offloaded_checkpoint", "offloaded_layer", "wrap_decoder_layers"]
+
+@dataclasses.dataclass
+class OffloadedLayer:
+    """What a wrapped decoder layer needs in its forward: the side stream for its copies, the chain its
+    input copy joins (so the copy back of the layer below starts during this layer's backward), its index
+    (0 starts a new forward pass) and its MLP stash, if any."""
+
+    stream: object
+    chain: dict
+    index: int
+    stash: MlpStash | None = None
+
+
+# Wrapped decoder layer -> its OffloadedLayer (weak keys: gone with the model).
+_WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def offloaded_layer(layer: nn.Module) -> OffloadedLayer | None:
+    """The offload state of a decoder layer :func:`wrap_decoder_layers` wrapped (None for others)."""
+    return _WRAPPED.get(layer)
+
 
 def _offloaded_layer_forward(self, hidden_states, *args, **kwargs):
     plain = functools.partial(type(self).forward, self)
     if not (self.training and torch.is_grad_enabled()):
         return plain(hidden_states, *args, **kwargs)
-    chain = self._deftune_offload_chain
-    if self._deftune_offload_index == 0:
+    state = _WRAPPED[self]
+    chain = state.chain
+    if state.index == 0:
         chain["last"] = None  # a new forward pass
-    out, chain["last"] = offloaded_checkpoint(plain, hidden_states, *args, stream=self._deftune_offload_stream,
-                                              prev=chain["last"], stash=self._deftune_mlp_stash, **kwargs)
+    out, chain["last"] = offloaded_checkpoint(plain, hidden_states, *args, stream=state.stream,
+                                              prev=chain["last"], stash=state.stash, **kwargs)
     return out
 
 
@@ -91,14 +115,11 @@ def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0
         device = next(layer.parameters()).device
         if device.type == "cuda" and stream is None:
             stream = torch.cuda.Stream(device)
-        layer._deftune_offload_stream = stream
-        layer._deftune_offload_chain = chain
-        layer._deftune_offload_index = index
-        layer._deftune_mlp_stash = None
+        state = _WRAPPED[layer] = OffloadedLayer(stream, chain, index)
         if index in stashed:
-            layer._deftune_mlp_stash = MlpStash(stream, pending, resident=index in resident)
-            layer._deftune_mlp_stash.below = below
-            below = layer._deftune_mlp_stash
+            state.stash = MlpStash(stream, pending, resident=index in resident)
+            state.stash.below = below
+            below = state.stash
         layer.forward = types.MethodType(_offloaded_layer_forward, layer)
         if keep_dequantized:
             for module in layer.modules():
