@@ -19,8 +19,8 @@ from deftune.data.collate import batches, pack_examples, padfree_collate
 from deftune.data.tokenize import Example
 from deftune.errors import DeftuneError
 from deftune.kernels import varlen
-from deftune.kernels.patch import apply_fast_path
-from deftune.train.loss import response_loss_sum
+from deftune.fast_path.patch import apply_fast_path
+from deftune.training.loss import response_loss_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,7 +122,7 @@ def test_padding_free_loss_and_gradients_equal_padded_packing(checkpointing):
     if checkpointing == "transformers":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing == "offloaded":
-        from deftune.kernels.offload import wrap_decoder_layers
+        from deftune.fast_path.offload import wrap_decoder_layers
 
         wrap_decoder_layers(model, mlp_layers=1)
     exs = _examples([6, 9, 4, 12, 3])

@@ -8,7 +8,6 @@ from conftest import save_tiny_llama, tiny_recipe, write_copy_task
 from torch import nn
 
 from deftune import api
-from deftune.recipes import sft
 from deftune.adapters.lora.layer import LoRALinear
 from deftune.adapters.lora.model import attach_lora, lora_modules
 from deftune.adapters.peft_format import load_adapter, save_adapter
@@ -31,6 +30,7 @@ from deftune.models.quantize import (
     quantize_model,
     quantize_nf4,
 )
+from deftune.recipes import sft
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -122,6 +122,7 @@ def test_triton_dequantize_equals_the_reference_exactly(dtype, numel):
     pytest.importorskip("triton", reason="the NF4 kernel needs triton (extra: deftune[kernels])")
     from deftune.kernels import use_triton
     from deftune.kernels._nf4_triton import dequantize_nf4_triton
+    from deftune.kernels.nf4 import nf4_code_book
 
     torch.manual_seed(0)
     n_blocks = -(-numel // BLOCK_SIZE)
@@ -130,7 +131,8 @@ def test_triton_dequantize_equals_the_reference_exactly(dtype, numel):
     absmax = (torch.rand(n_blocks) * 3).to(DEVICE)
     assert use_triton(packed, absmax), "must test the kernel, not the reference against itself"
     expected = dequantize_nf4_reference(packed, absmax, numel, dtype)
-    assert torch.equal(dequantize_nf4_triton(packed, absmax, numel, dtype), expected)
+    assert torch.equal(dequantize_nf4_triton(packed, absmax, numel, dtype, nf4_code_book(DEVICE), BLOCK_SIZE),
+                       expected)
     assert torch.equal(dequantize_nf4(packed, absmax, numel, dtype), expected)
 
 
@@ -142,7 +144,7 @@ def test_triton_double_dequantize_equals_the_reference_exactly(dtype, numel):
     pytest.importorskip("triton", reason="the NF4 kernel needs triton (extra: deftune[kernels])")
     from deftune.kernels import use_triton
     from deftune.kernels._nf4_triton import dequantize_nf4_double_triton
-    from deftune.kernels.nf4 import dequantize_nf4_double
+    from deftune.kernels.nf4 import dequantize_nf4_double, nf4_code_book
 
     torch.manual_seed(0)
     w = torch.randn(numel).to(DEVICE)
@@ -151,57 +153,17 @@ def test_triton_double_dequantize_equals_the_reference_exactly(dtype, numel):
     assert use_triton(q["packed_codes"]), "must test the kernel, not the reference against itself"
     absmax = dequantize_absmax(q["absmax_codes"], q["absmax_scale"], q["absmax_mean"])
     expected = dequantize_nf4_reference(q["packed_codes"], absmax, numel, dtype)
-    _equal_up_to_fma(dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected, dtype)
+    nf4 = (nf4_code_book(DEVICE), BLOCK_SIZE)
+    got = dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE, *nf4)
+    _equal_up_to_fma(got, expected, dtype)
     # Launch shapes of the bench's sweep: 512 bytes per program (one d / 127 per program) and 16384 (a
     # program spans two absmax-scale groups: d / 127 per element).
     for block in (512, 16384):
         for elements in (False, True):  # a lane per byte (pairs interleaved) or per output element
-            got = dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE, block=block, num_warps=2,
-                                               elements=elements)
+            got = dequantize_nf4_double_triton(*args, numel, dtype, ABSMAX_BLOCK_SIZE, *nf4, block=block,
+                                               num_warps=2, elements=elements)
             _equal_up_to_fma(got, expected, dtype)
     _equal_up_to_fma(dequantize_nf4_double(*args, numel, dtype, ABSMAX_BLOCK_SIZE), expected, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_group_dequantize_equals_one_launch_per_weight(dtype):
-    """The group kernel (up to four weights per launch, outputs as views of one buffer) gives every weight
-    exactly what its own launch gives: sizes that cross an absmax-scale group, one block, an odd count of
-    bytes per program; 1 to 4 weights per launch, and 6 split into launches of 4 and 2."""
-    pytest.importorskip("triton", reason="the NF4 kernel needs triton (extra: deftune[kernels])")
-    from deftune.kernels import use_triton
-    from deftune.kernels._nf4_triton import dequantize_nf4_double_group_triton, dequantize_nf4_double_triton
-    from deftune.kernels.nf4 import dequantize_nf4_double_group
-
-    torch.manual_seed(0)
-    sizes = [64 * 256 * 2 + 130, 64, 4096 + 64, 3000, 128, 64 * 257]
-    weights = []
-    for numel in sizes:
-        q = quantize_nf4(torch.randn(numel).to(DEVICE) * (1 + numel % 7))
-        weights.append((q["packed_codes"], q["absmax_codes"], q["absmax_scale"], q["absmax_mean"], numel))
-    assert use_triton(weights[0][0]), "must test the kernel, not the reference against itself"
-    singles = [dequantize_nf4_double_triton(*w, dtype, ABSMAX_BLOCK_SIZE) for w in weights]
-    for n in (1, 2, 3, 4):
-        got = dequantize_nf4_double_group_triton(weights[:n], dtype, ABSMAX_BLOCK_SIZE)
-        assert len(got) == n
-        for g, want in zip(got, singles):
-            assert g.shape == want.shape and torch.equal(g, want)
-        if n > 1:  # views of one buffer, each 128 bytes aligned from its start
-            assert got[1].untyped_storage().data_ptr() == got[0].untyped_storage().data_ptr()
-            assert all((g.data_ptr() - got[0].data_ptr()) % 128 == 0 for g in got)
-    got = dequantize_nf4_double_group(weights, dtype, ABSMAX_BLOCK_SIZE)
-    assert len(got) == 6 and all(torch.equal(g, w) for g, w in zip(got, singles))
-    with pytest.raises(ValueError, match="1 to 4 weights"):
-        dequantize_nf4_double_group_triton(weights[:5], dtype, ABSMAX_BLOCK_SIZE)
-
-
-def test_nf4linear_dequantize_group_matches_dequantize():
-    layers = [NF4Linear.from_linear(nn.Linear(i, o, bias=False)) for i, o in ((64, 32), (64, 8), (128, 16))]
-    got = NF4Linear.dequantize_group(layers)
-    for g, layer in zip(got, layers):
-        assert g.shape == (layer.out_features, layer.in_features) and torch.equal(g, layer.dequantize())
-    other = NF4Linear.from_linear(nn.Linear(64, 8, bias=False), compute_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="one compute dtype"):
-        NF4Linear.dequantize_group([layers[0], other])
 
 
 def _equal_up_to_fma(got, expected, dtype):
