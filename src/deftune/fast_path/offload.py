@@ -30,7 +30,6 @@ import collections
 import dataclasses
 import functools
 import types
-import weakref
 
 import torch
 from torch import nn
@@ -61,20 +60,21 @@ class OffloadedLayer:
     stash: MlpStash | None = None
 
 
-# Wrapped decoder layer -> its OffloadedLayer (weak keys: gone with the model).
-_WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A wrapped layer carries its OffloadedLayer under this name, read and written only here; kept on the
+# layer so that a copy of the model (copy.deepcopy) is wrapped too.
+_STATE_ATTR = "_deftune_offloaded_layer"
 
 
 def offloaded_layer(layer: nn.Module) -> OffloadedLayer | None:
     """The offload state of a decoder layer :func:`wrap_decoder_layers` wrapped (None for others)."""
-    return _WRAPPED.get(layer)
+    return vars(layer).get(_STATE_ATTR)
 
 
 def _offloaded_layer_forward(self, hidden_states, *args, **kwargs):
     plain = functools.partial(type(self).forward, self)
     if not (self.training and torch.is_grad_enabled()):
         return plain(hidden_states, *args, **kwargs)
-    state = _WRAPPED[self]
+    state = vars(self)[_STATE_ATTR]
     chain = state.chain
     if state.index == 0:
         chain["last"] = None  # a new forward pass
@@ -115,7 +115,8 @@ def wrap_decoder_layers(model: nn.Module, keep_top: int = 0, mlp_layers: int = 0
         device = next(layer.parameters()).device
         if device.type == "cuda" and stream is None:
             stream = torch.cuda.Stream(device)
-        state = _WRAPPED[layer] = OffloadedLayer(stream, chain, index)
+        state = OffloadedLayer(stream, chain, index)
+        setattr(layer, _STATE_ATTR, state)
         if index in stashed:
             state.stash = MlpStash(stream, pending, resident=index in resident)
             state.stash.below = below

@@ -24,7 +24,6 @@ import functools
 import inspect
 import sys
 import types
-import weakref
 from typing import Callable
 
 import torch
@@ -51,18 +50,19 @@ SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 _SILU = ("silu", "swish")
 
 
-# Patched models -> how many modules each kernel took over (weak keys: a model freed is forgotten).
-_PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A patched model carries what was patched under this name, read and written only here (through
+# is_fast / fast_counts); kept on the model so that a copy of it (copy.deepcopy) is patched too.
+_COUNTS_ATTR = "_deftune_fast_path_counts"
 
 
 def is_fast(model: nn.Module) -> bool:
     """Whether :func:`apply_fast_path` patched ``model``."""
-    return model in _PATCHED
+    return _COUNTS_ATTR in vars(model)
 
 
 def fast_counts(model: nn.Module) -> dict[str, int]:
     """What :func:`apply_fast_path` returned for ``model`` (empty when it is not patched)."""
-    return dict(_PATCHED.get(model, {}))
+    return dict(vars(model).get(_COUNTS_ATTR, {}))
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -282,7 +282,7 @@ def apply_fast_path(model: nn.Module, log: Callable[[str], None] = print) -> dic
     else:
         notes.append("linear_cross_entropy: the LM head is not a bias-free nn.Linear; plain loss")
 
-    _PATCHED[model] = dict(counts)
+    setattr(model, _COUNTS_ATTR, dict(counts))
     log(f"fast path: rms_norm {counts['rms_norm']} modules, rope {counts['rope']} attention modules, "
         f"swiglu {counts['swiglu']} MLPs, lora_linear {counts['lora_linear']} projections, "
         f"linear_cross_entropy {counts['linear_cross_entropy']} head")
@@ -324,7 +324,7 @@ def _apply_moe_fast_path(model: nn.Module, model_type: str, log: Callable[[str],
     head = found.lm_head
     if isinstance(head, nn.Linear) and head.bias is None:
         counts["linear_cross_entropy"] = 1
-    _PATCHED[model] = dict(counts)
+    setattr(model, _COUNTS_ATTR, dict(counts))
     log(f"fast path ({model_type}, MoE): rms_norm {counts['rms_norm']} modules, lora_linear "
         f"{counts['lora_linear']} projections, linear_cross_entropy {counts['linear_cross_entropy']} head; "
         "attention and RoPE stay on transformers' code")
