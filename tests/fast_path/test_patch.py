@@ -267,3 +267,17 @@ def test_fast_training_matches_plain_on_cuda(tiny_llama_dir, copy_task_file, tmp
     # bf16 here, float32 there), so per-step losses agree to bf16 precision only.
     for p, f in zip(losses[False], losses[True]):
         assert f == pytest.approx(p, rel=2e-2)
+
+
+def test_a_copy_of_a_patched_and_wrapped_model_stays_patched_and_wrapped():
+    from deftune.fast_path.offload import offloaded_layer, wrap_decoder_layers
+
+    model = lora_model("llama")
+    counts = apply_fast_path(model, log=lambda _msg: None)
+    wrap_decoder_layers(model, mlp_layers=1)
+    twin = copy.deepcopy(model)
+    assert is_fast(twin) and fast_counts(twin) == counts
+    assert offloaded_layer(twin.model.layers[0]) is not None
+    twin.train()
+    loss, _, grads = loss_and_grads(twin, make_batch())
+    assert loss == loss and grads  # finite, and the copy's adapters get gradients
