@@ -20,10 +20,11 @@
 set -uo pipefail
 OUTDIR=${1:?usage: bash bench/gpu_issue6.sh OUTDIR}
 PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), parity (bench/loss_parity.py), kernels (bench/kernels_vs_liger.py),
-# pcie (bench/pcie_bandwidth.py), t1b (the 1B targets, 2 rounds: B1=420 fits one call), t8b (8B targets),
-# ab1b (1B A/B of DEFTUNE_FAST_LAUNCH and NF4 grouping, 2 rounds: B1=540)
+# pcie (bench/pcie_bandwidth.py), t1b (the 1B targets, 2 rounds: B1=420 fits one call), t8b (8B targets)
+# Each result lands in OUTDIR under its stable name (gpu_peers_llama-1b_16bit.json, kernels_vs_liger.json, ...:
+# bench/gpu_peers.py's result_name); copy it over bench/results/ to replace the one it supersedes.
 # Extra gpu_peers arguments per shape (the environment cannot carry bash arrays): one string each,
-# split on '|', e.g. ARGS1='--only|deftune fast,unsloth|--variants|mlp8:train.offload_mlp_layers=8'
+# split on '|', e.g. ARGS1='--only|deftune fast,unsloth|--variants|mlp8:train.offload_mlp_layers=8|--tag|variants'
 IFS='|' read -r -a ARGS1 <<< "${ARGS1:-}"
 IFS='|' read -r -a ARGS8 <<< "${ARGS8:-}"
 B1=${B1:-180}; B8=${B8:-210}; BL=${BL:-120}
@@ -49,7 +50,7 @@ for part in $PARTS; do
   case $part in
     gputests)
       say "pytest -m gpu"
-      # GPU_TESTS_K: a pytest -k expression to run only some (e.g. "nf4 or fast_launch or group").
+      # GPU_TESTS_K: a pytest -k expression to run only some (e.g. "nf4").
       timeout -k 5 240 $PY -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests 2>&1 \
         | tail -25 | tee "$OUTDIR/pytest_gpu.log"; rc=${PIPESTATUS[0]}
       ;;
@@ -67,12 +68,12 @@ for part in $PARTS; do
     1b)
       say "gpu_peers llama-1b bs 8 (budget ${B1}s)"
       timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
-        --budget-s "$B1" --out "$OUTDIR/gpu_peers_llama-1b.json" "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
+        --budget-s "$B1" --out-dir "$OUTDIR" "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
       ;;
     8b)
       say "gpu_peers llama-8b bs 4 (budget ${B8}s)"
       timeout -k 5 $((B8 + 30)) $PY bench/gpu_peers.py --shape llama-8b --bs 4 --seq 2048 --precisions 16,4 \
-        --budget-s "$B8" --out "$OUTDIR/gpu_peers_llama-8b.json" "${ARGS8[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
+        --budget-s "$B8" --out-dir "$OUTDIR" "${ARGS8[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
       ;;
     long)
       say "long_context llama-8b nf4 (budget ${BL}s)"
@@ -85,19 +86,8 @@ for part in $PARTS; do
       say "gpu_peers llama-1b targets, 2 rounds (budget ${B1}s)"
       timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
         --budget-s "$B1" --rounds 2 --set train.checkpoint_skip=2 --set4 train.reuse_dequantized=true \
-        --only "deftune fast,unsloth,deftune fast nf4,unsloth 4bit" --out "$OUTDIR/gpu_peers_llama-1b.json" \
+        --only "deftune fast,unsloth,deftune fast nf4,unsloth 4bit" --out-dir "$OUTDIR" \
         "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
-      ;;
-    ab1b)
-      # 1B A/B in 2 rounds: cached Triton launches (fl) and NF4 grouping (gr, DEFTUNE_NF4_GROUP_MIB=128;
-      # off by default since d25b801's A/B) against the primary recipe, beside Unsloth. B1=540 fits one
-      # call (~245 s a round).
-      say "gpu_peers llama-1b A/B: fast launch, NF4 grouping (budget ${B1}s)"
-      timeout -k 5 $((B1 + 30)) $PY bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 --precisions 16,4 \
-        --budget-s "$B1" --rounds 2 --set train.checkpoint_skip=2 --set4 train.reuse_dequantized=true \
-        --variants "fl:env:DEFTUNE_FAST_LAUNCH=1;gr:env:DEFTUNE_NF4_GROUP_MIB=128" \
-        --only "deftune fast,deftune fast fl,unsloth,deftune fast nf4,deftune fast nf4 fl,deftune fast nf4 gr,unsloth 4bit" \
-        --out "$OUTDIR/gpu_peers_llama-1b.json" "${ARGS1[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-1b.log"; rc=${PIPESTATUS[0]}
       ;;
     t8b)
       # The 8B targets (one round: two would not fit one call) + reuse_dequantized's 4-bit row beside them.
@@ -106,9 +96,9 @@ for part in $PARTS; do
         --budget-s "$B8" --set train.offload_mlp_layers=16 \
         --variants "rd:train.offload_mlp_layers=16,train.reuse_dequantized=true" \
         --only "deftune fast,unsloth,deftune fast nf4,unsloth 4bit,deftune fast nf4 rd" \
-        --out "$OUTDIR/gpu_peers_llama-8b.json" "${ARGS8[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
+        --out-dir "$OUTDIR" "${ARGS8[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
       ;;
-    *) say "unknown part $part (known: gputests parity kernels pcie 1b t1b ab1b 8b t8b long)"; rc=2 ;;
+    *) say "unknown part $part (known: gputests parity kernels pcie 1b t1b 8b t8b long)"; rc=2 ;;
   esac
   say "$part finished (exit $rc; 124 = hard timeout, the JSON keeps the rows done before it)"
 done

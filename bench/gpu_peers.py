@@ -1,10 +1,14 @@
 """deftune vs HF+PEFT, HF+PEFT+Liger and Unsloth on one GPU: LoRA step throughput, peak memory and MFU.
 
     PYTHONPATH=/tmp/site:$PWD/src python bench/gpu_peers.py --shape llama-1b --bs 8 --seq 2048 \\
-        [--precisions 16,4] [--out bench/results/gpu_peers_llama-1b.json] [--steps 8] [--budget-s 200]
+        [--precisions 16,4] [--tag NAME] [--out-dir bench/results] [--steps 8] [--budget-s 200]
     PYTHONPATH=$PWD/src python bench/gpu_peers.py --shape tiny --bs 2 --seq 64 --device cpu   # CPU smoke
 
 (bench/gpu_issue6.sh runs it for both ANCHORS shapes with the peer wheels installed.)
+
+The result goes to a stable name in ``--out-dir`` (``result_name``): ``gpu_peers_<shape>.json`` for both
+precisions, ``gpu_peers_<shape>_<p>bit.json`` for one, ``_<tag>`` added for an experiment's call
+(``--tag variants``), so a new call replaces the result it supersedes; git keeps the old ones.
 
 One invocation, one card. Every framework runs in its own subprocess (Unsloth patches transformers on
 import) and prints one ``BENCH_JSON`` line; a framework that fails, hangs or is missing becomes a row with
@@ -58,7 +62,7 @@ def _sets(overrides: list[str]) -> list[str]:
 def parse_variants(text: str) -> list[tuple[str, list[str]]]:
     """``"mlp8:train.offload_mlp_layers=8;skip2:train.checkpoint_skip=2,train.offload_mlp_layers=4"`` ->
     [(label, [key=value, ...]), ...]. An item ``env:NAME=value`` sets an environment variable for that
-    row's process instead (e.g. ``fl:env:DEFTUNE_FAST_LAUNCH=1``)."""
+    row's process instead (e.g. ``lb:env:CUDA_LAUNCH_BLOCKING=1``)."""
     out = []
     for part in (p.strip() for p in text.split(";") if p.strip()):
         label, _, kvs = part.partition(":")
@@ -211,6 +215,14 @@ def compute_targets(all_rows: list[dict], precisions: list[int]) -> dict:
     return out
 
 
+def result_name(shape: str, precisions: list[int], tag: str = "") -> str:
+    """The stable file name of a call's result: one per shape, precision set and experiment."""
+    name = f"gpu_peers_{shape}"
+    if len(precisions) == 1:
+        name += f"_{precisions[0]}bit"
+    return name + (f"_{tag}" if tag else "") + ".json"
+
+
 def write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -225,7 +237,9 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--precisions", default="16,4")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"),
+                    help="folder of the result; its name is result_name(shape, precisions, tag)")
+    ap.add_argument("--tag", default="", help="experiment name added to the result's name, e.g. variants")
     ap.add_argument("--model-dir", default="",
                     help="random-init model folder (default /tmp/deftune_bench_<shape>; made if missing)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -250,7 +264,7 @@ def main() -> int:
     t_start = time.time()
     deadline = t_start + a.budget_s if a.budget_s else float("inf")
     precisions = [int(p) for p in a.precisions.split(",") if p.strip()]
-    out = Path(a.out or REPO / "bench" / "results" / f"gpu_peers_{a.shape}.json")
+    out = Path(a.out_dir) / result_name(a.shape, precisions, a.tag)
     logs = out.with_name(out.stem + "_logs")
     logs.mkdir(parents=True, exist_ok=True)
     model_dir = a.model_dir or f"/tmp/deftune_bench_{a.shape}"

@@ -1,6 +1,6 @@
 """Host-side cost of one fast-path training step, measured on the CPU with tiny tensors.
 
-At the 1B shape an H200 step is bound by the host (bench/results/gpu_peers_llama-1b_hostlaunch_*.json):
+At the 1B shape an H200 step is bound by the host (bench/results/gpu_peers_llama-1b_hostlaunch.json):
 the Python, autograd and dispatcher work that queues the kernels takes about as long as the kernels. That
 work does not depend on the tensor sizes, so a model with the 1B layer count (16) but tiny widths, run on
 the CPU where each op then costs next to nothing, times it: forward + loss and backward wall time per

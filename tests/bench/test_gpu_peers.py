@@ -60,13 +60,20 @@ def test_a_failed_round_is_left_out_and_a_single_round_is_reported_as_before(pee
 
 def test_variants_start_from_the_primary_recipe_of_their_precision(peers):
     plan = peers.row_plan([16, 4], True, ("train.checkpoint_skip=2",),
-                          tuple(peers.parse_variants("fl:env:DEFTUNE_FAST_LAUNCH=1;sk1:train.checkpoint_skip=1")),
+                          tuple(peers.parse_variants("lb:env:CUDA_LAUNCH_BLOCKING=1;sk1:train.checkpoint_skip=1")),
                           ("train.reuse_dequantized=true",))
     rows = {r["name"]: r for r in plan}
-    fl16, fl4, sk1 = rows["deftune fast fl"], rows["deftune fast nf4 fl"], rows["deftune fast nf4 sk1"]
-    assert fl16["env"] == {"DEFTUNE_FAST_LAUNCH": "1"}
-    assert "train.checkpoint_skip=2" in fl16["cmd"] and "train.reuse_dequantized=true" not in fl16["cmd"]
-    assert fl4["cmd"][-4:] == ["--set", "train.checkpoint_skip=2", "--set", "train.reuse_dequantized=true"]
+    lb16, lb4, sk1 = rows["deftune fast lb"], rows["deftune fast nf4 lb"], rows["deftune fast nf4 sk1"]
+    assert lb16["env"] == {"CUDA_LAUNCH_BLOCKING": "1"}
+    assert "train.checkpoint_skip=2" in lb16["cmd"] and "train.reuse_dequantized=true" not in lb16["cmd"]
+    assert lb4["cmd"][-4:] == ["--set", "train.checkpoint_skip=2", "--set", "train.reuse_dequantized=true"]
     # The variant's own override comes last (the runner applies --set in order: the last one wins).
     assert sk1["cmd"][-2:] == ["--set", "train.checkpoint_skip=1"]
-    assert [r["name"] for r in plan][:4] == ["deftune fast", "deftune fast fl", "deftune fast sk1", "unsloth"]
+    assert [r["name"] for r in plan][:4] == ["deftune fast", "deftune fast lb", "deftune fast sk1", "unsloth"]
+
+
+def test_results_have_stable_names_per_shape_precision_and_experiment(peers):
+    assert peers.result_name("llama-8b", [16, 4]) == "gpu_peers_llama-8b.json"
+    assert peers.result_name("llama-1b", [16]) == "gpu_peers_llama-1b_16bit.json"
+    assert peers.result_name("llama-1b", [4]) == "gpu_peers_llama-1b_4bit.json"
+    assert peers.result_name("llama-1b", [16, 4], "hostlaunch") == "gpu_peers_llama-1b_hostlaunch.json"
