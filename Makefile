@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench docs clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cpu_speed.py
+
+# The results tables of README.md and docs/performance.md, rendered from bench/results/*.json.
+docs: $(STAMP)
+	$(BIN)/python bench/render_docs.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
