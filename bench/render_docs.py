@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-DOCS = (REPO / "README.md", REPO / "docs" / "performance.md")
+DOCS = (REPO / "README.md", REPO / "docs" / "performance.md", REPO / "docs" / "keys.md")
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
 
@@ -285,7 +285,29 @@ def layer_selection() -> str:
     return _table(header, rows) + f"\n\nSpeed-up of `top:4` over `all`: {d['speedup']}x."
 
 
+def keys() -> str:
+    """Every recipe key with its default and its meaning: the schema's own field comments
+    (``deftune.config.field_docs``, what ``deftune keys`` prints), so the reference cannot drift either."""
+    sys.path.insert(0, str(REPO / "src"))
+    from deftune.config import Recipe, field_docs, recipe_to_dict
+
+    defaults: dict = {}
+
+    def flatten(tree: dict, prefix: str = "") -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict) and f"{prefix}{key}" not in field_docs():
+                flatten(value, f"{prefix}{key}.")
+            else:
+                defaults[f"{prefix}{key}"] = value
+
+    flatten(recipe_to_dict(Recipe()))
+    rows = [[f"`{key}`", f"`{json.dumps(defaults.get(key))}`", doc.replace("|", "\\|")]
+            for key, doc in field_docs().items()]
+    return _table(["key", "default", "meaning"], rows)
+
+
 TABLES = {
+    "keys": keys,
     "speed": speed, "peers": peers, "peers-rounds": peers_rounds, "variants-8b": variants_8b,
     "variants-1b": variants_1b, "ab-1b": ab_1b, "host-launch": host_launch, "kernels": kernels,
     "loss-parity": loss_parity, "cpu-speed": cpu_speed, "gpu-demo": gpu_demo, "pcie": pcie,
