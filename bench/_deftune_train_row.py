@@ -107,13 +107,11 @@ def prepare(a) -> dict:
         return len(examples[0])
 
     words = tuple(w for w in WORDS if len(tok.encode(" " + w, add_special_tokens=False)) == 1) or WORDS
-    rng = random.Random(0)
     lengths = []
     os.makedirs(os.path.dirname(os.path.abspath(a.data)), exist_ok=True)
     with open(a.data, "w") as fh, open(a.data + ".text.jsonl", "w") as fh_text:
-        for _ in range(a.records):
-            record, length = fit_record(count_tokens, a.seq, rng, words)
-            rng.random()  # the next record draws other words
+        for i in range(a.records):
+            record, length = fit_record(count_tokens, a.seq, random.Random(i), words)
             lengths.append(length)
             fh.write(json.dumps(record) + "\n")
             ((prompt, response),) = render(record_to_sample(record, "alpaca", "bench"), tok, template)

@@ -174,6 +174,8 @@ def ratios(rows: list[dict], precisions: list[int]) -> dict:
             med = statistics.median(per_round)
             entry.update(round_ratios=per_round, ratio_median=round(med, 3),
                          ratio_of_medians=round(agg["tok_s"] / p["tok_s"], 3),
+                         ratio_median_step=round(agg["tok_s_median_step"] / p["tok_s_median_step"], 3)
+                         if agg.get("tok_s_median_step") and p.get("tok_s_median_step") else None,
                          reserved_gib=agg.get("peak_reserved_gib"),
                          peer_reserved_gib=p.get("peak_reserved_gib"))
             mem_ok = None
