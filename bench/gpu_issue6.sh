@@ -19,7 +19,7 @@
 # (each call may land on a fresh machine: the script reinstalls the wheels and remakes /tmp folders).
 set -uo pipefail
 OUTDIR=${1:?usage: bash bench/gpu_issue6.sh OUTDIR}
-PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), parity (bench/loss_parity.py), kernels (bench/kernels_vs_liger.py),
+PARTS=${PARTS:-"1b 8b long"}   # also: gputests (pytest -m gpu), parity (bench/loss_parity.py), e2e (bench/train_e2e.py), kernels (bench/kernels_vs_liger.py),
 # pcie (bench/pcie_bandwidth.py), t1b (the 1B targets, 2 rounds: B1=420 fits one call), t8b (8B targets)
 # Each result lands in OUTDIR under its stable name (gpu_peers_llama-1b_16bit.json, kernels_vs_liger.json, ...:
 # bench/gpu_peers.py's result_name); copy it over bench/results/ to replace the one it supersedes.
@@ -98,7 +98,16 @@ for part in $PARTS; do
         --only "deftune fast,unsloth,deftune fast nf4,unsloth 4bit,deftune fast nf4 rd" \
         --out-dir "$OUTDIR" "${ARGS8[@]}" 2>&1 | tee "$OUTDIR/gpu_peers_llama-8b.log"; rc=${PIPESTATUS[0]}
       ;;
-    *) say "unknown part $part (known: gputests parity kernels pcie 1b t1b 8b t8b long)"; rc=2 ;;
+    e2e)
+      # The user path (bench/train_e2e.py): `deftune train` with its defaults (+ E2E_VARIANTS) against Unsloth's
+      # documented TRL SFTTrainer path, Unsloth's bare step and HF + PEFT. E2E_SHAPE/E2E_BS/E2E_P/E2E_ROUNDS.
+      say "train_e2e ${E2E_SHAPE:-llama-1b} (budget ${BE:-480}s)"
+      timeout -k 5 $((${BE:-480} + 40)) $PY bench/train_e2e.py --shape "${E2E_SHAPE:-llama-1b}" --bs "${E2E_BS:-8}" \
+        --seq 2048 --precisions "${E2E_P:-16,4}" --rounds "${E2E_ROUNDS:-1}" --budget "${BE:-480}" --timeout 240 \
+        ${E2E_VARIANTS:+--variants "$E2E_VARIANTS"} --out "$OUTDIR/train_e2e_${E2E_SHAPE:-llama-1b}.json" 2>&1 \
+        | tail -40 | tee "$OUTDIR/train_e2e.log"; rc=${PIPESTATUS[0]}
+      ;;
+    *) say "unknown part $part (known: gputests parity kernels pcie 1b t1b 8b t8b long e2e)"; rc=2 ;;
   esac
   say "$part finished (exit $rc; 124 = hard timeout, the JSON keeps the rows done before it)"
 done
