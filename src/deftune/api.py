@@ -31,23 +31,26 @@ def train(recipe: str | Path | Recipe | None = None, overrides: list[str] | tupl
     return sft.run(recipe, overrides, progress)
 
 
-def evaluate(run_or_model: str, data: str, device: str = "auto", overrides: list[str] | tuple = ()) -> dict:
-    """Eval loss, perplexity and the generation metrics of ``eval.metrics`` of a run or model on ``data``."""
-    return inference.evaluate(run_or_model, data, device, overrides)
+def evaluate(run_or_model: str, data: str, device: str = "auto", overrides: list[str] | tuple = (),
+             max_records: int = 0, trust_remote_code: bool = False) -> dict:
+    """Eval loss, perplexity and the generation metrics of ``eval.metrics`` of a run or model on every
+    record of ``data`` (the first ``max_records`` when > 0). ``trust_remote_code``: let the model
+    folder's own Python code run (never taken from a run folder's recipe.yaml)."""
+    return inference.evaluate(run_or_model, data, device, overrides, max_records, trust_remote_code)
 
 
 def generate(run_or_model: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, raw: bool = False, stream: bool = False,
-             device: str = "auto") -> str:
+             device: str = "auto", trust_remote_code: bool = False) -> str:
     """Answer ``prompt`` with a run or model, in the run's prompt template unless ``raw``; temperature 0
     is greedy."""
     return inference.generate(run_or_model, prompt, max_new_tokens, temperature, top_p, top_k, raw, stream,
-                              device)
+                              device, trust_remote_code)
 
 
-def merge(run: str, out: str, device: str = "cpu") -> Path:
+def merge(run: str, out: str, device: str = "cpu", trust_remote_code: bool = False) -> Path:
     """Merge a run's trained update into its base weights and save a plain Hugging Face folder at ``out``."""
-    return inference.merge(run, out, device)
+    return inference.merge(run, out, device, trust_remote_code)
 
 
 def print_summary(summary: RunSummary) -> None:
