@@ -1,4 +1,5 @@
 import os
+import shutil
 import time
 
 import pytest
@@ -67,3 +68,78 @@ def test_default_gguf_is_cached_as_safetensors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, model2(ids).logits)
     assert type(model).__name__ == "LlamaForCausalLM" and first > 0
+
+
+def test_missing_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spec in ("runs/typo", "models/x/y", "weights.safetensors", "my model", "~/nothing-here"):
+        with pytest.raises(DeftuneError, match="does not exist") as info:
+            resolve_model(spec)
+        assert spec in str(info.value)
+    assert resolve_model("someorg/some-model").kind == "hub"  # "someorg" is no local folder
+
+
+def test_unreachable_hub_fails_at_once_without_retries(monkeypatch):
+    from deftune.models import load
+
+    class NoNetwork:
+        def head(self, url, timeout):
+            assert timeout <= 10
+            raise OSError("Name or service not known")
+
+    calls = []
+
+    def from_pretrained(location, **kwargs):
+        calls.append(kwargs)
+        raise OSError("not in the cache")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(load, "get_session", NoNetwork)
+    monkeypatch.setattr(load.AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(DeftuneError, match=r"'someorg/model'.*cannot be reached.*not in the local cache"):
+        load_model(ModelConfig(path="someorg/model"))
+    # Only the local cache was asked: transformers' network retries never started.
+    assert calls and all(kw["local_files_only"] for kw in calls)
+
+
+def _break(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "short":
+        path.write_bytes(data[:5])
+    elif how == "header":
+        path.write_bytes((10**9).to_bytes(8, "little") + data[8:])
+    else:
+        path.write_bytes(len(b"nonsense").to_bytes(8, "little") + b"nonsense")
+
+
+@pytest.mark.parametrize("how", ["truncated", "short", "header", "not-json"])
+def test_broken_safetensors_named_before_transformers_loads(tiny_llama_dir, tmp_path, monkeypatch, how):
+    from deftune.models import load
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    _break(folder / "model.safetensors", how)
+    monkeypatch.setattr(load.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(DeftuneError, match=r"model\.safetensors is not a valid safetensors file"):
+        load_model(ModelConfig(path=str(folder)))
+
+
+def test_file_that_is_not_gguf_is_named(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(DeftuneError, match=r"model\.gguf is not a GGUF file"):
+        resolve_model(str(fake))
+
+
+def test_folder_without_config_or_with_bad_config_is_named(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "config.json").write_text("{truncated")
+    with pytest.raises(DeftuneError, match=r"config\.json is not valid JSON"):
+        load_model(ModelConfig(path=str(folder)))
+    (folder / "config.json").unlink()
+    with pytest.raises(DeftuneError, match=r"no config\.json"):
+        load_model(ModelConfig(path=str(folder)))
