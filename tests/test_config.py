@@ -79,3 +79,56 @@ def test_every_key_is_documented_in_the_key_reference():
     missing = [key for key in docs if f"`{key}`" not in reference]
     assert not missing, f"docs/keys.md lacks recipe keys: {missing}"
     assert "docs/keys.md" in (root / "README.md").read_text()  # the README points at the full reference
+
+
+# Each bad value and the key its error must name. Every numeric key is checked where it is defined.
+BAD_VALUES = [
+    ("train.lr", "nan"), ("train.lr", "inf"), ("train.lr", 0), ("train.lr", -1e-4),
+    ("train.betas", [5, 7]), ("train.betas", [0.9, 1.0]), ("train.betas", [-0.1, 0.9]), ("train.betas", [0.9]),
+    ("train.betas", ["a", 0.9]), ("train.betas", [0.9, float("nan")]),
+    ("train.weight_decay", -0.1), ("train.weight_decay", "nan"), ("train.warmup", -1), ("train.warmup", "nan"),
+    ("train.min_lr_ratio", 1.5), ("train.min_lr_ratio", -0.1), ("train.clip_grad", -1),
+    ("train.clip_grad", "inf"), ("train.micro_batch", 0), ("train.grad_accum", 0), ("train.epochs", -1),
+    ("train.epochs", 0), ("train.epochs", "nan"), ("train.max_steps", -1), ("train.log_every", 0),
+    ("train.save_every", -1), ("train.keep_last", 0), ("train.threads", -2), ("train.checkpoint_skip", -1),
+    ("data.max_length", 0), ("data.eval_fraction", 1.0), ("data.eval_fraction", -0.1),
+    ("data.eval_fraction", "nan"), ("data.augment_fraction", 1.5), ("data.max_train_records", -1),
+    ("data.max_eval_records", -1),
+    ("adapter.rank", 0), ("adapter.alpha", -8), ("adapter.alpha", 0), ("adapter.alpha", "nan"),
+    ("adapter.dropout", 1.0), ("adapter.dropout", -0.1), ("adapter.sensitivity", 2),
+    ("adapter.param_budget", -1), ("adapter.rank_reallocate_every", -1), ("adapter.stage_warmup", -1),
+    ("adapter.rank_window", [0.5, 0.2]), ("adapter.rank_window", ["a", "b"]),
+    ("adapter.stages", [{"targets": "attention", "steps": 0}, {"targets": "mlp"}]),
+    ("mask.fisher_keep", 1.5), ("mask.fisher_keep", "nan"), ("mask.fisher_batches", 0),
+    ("eval.every", -1), ("eval.samples", -1), ("eval.final_samples", -1), ("eval.max_new_tokens", 0),
+    ("eval.early_stop_patience", -1), ("eval.show_examples", -1), ("eval.plateau_min_scale", 2),
+    ("eval.plateau_factor", 1.0), ("eval.plateau_patience", 0),
+    ("monitor.heatmap_every", -1), ("monitor.ineffective_fraction", -0.5), ("monitor.guard_sigma", "nan"),
+    ("monitor.guard_sigma", 0), ("monitor.max_nonfinite", 0),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_bad_value_is_refused_naming_the_key(key, value):
+    tree: dict = {}
+    section, name = key.split(".")
+    tree[section] = {name: value}
+    with pytest.raises(DeftuneError) as info:
+        recipe_from_dict(tree)
+    assert key in str(info.value)
+    # The same value from the command line (text parsed as YAML) is refused the same way.
+    text = value if isinstance(value, str) else str(value).replace("'", "")
+    with pytest.raises(DeftuneError, match=key.replace(".", r"\.")):
+        load_recipe(None, [f"{key}={text}"])
+
+
+def test_boundary_values_are_accepted():
+    recipe = recipe_from_dict({
+        "train": {"weight_decay": 0, "betas": [0, 0.999], "warmup": 0, "min_lr_ratio": 1, "clip_grad": 0,
+                  "save_every": 0, "threads": 0, "max_steps": 3, "epochs": 0.5},
+        "data": {"eval_fraction": 0, "max_train_records": 0},
+        "adapter": {"dropout": 0, "alpha": 0.5, "param_budget": 0},
+        "eval": {"every": 0, "samples": 0, "show_examples": 0},
+        "monitor": {"heatmap_every": 0},
+    })
+    assert recipe.train.betas == [0, 0.999] and recipe.adapter.alpha == 0.5 and recipe.train.epochs == 0.5

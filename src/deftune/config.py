@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,33 @@ from deftune.errors import DeftuneError
 METRIC_NAMES = ("exact_match", "token_f1", "bleu4", "rougeL")
 HIGHER_IS_BETTER = {"eval_loss": False, "eval_ppl": False, "exact_match": True, "token_f1": True,
                     "bleu4": True, "rougeL": True}
+
+
+def _check_numbers(section: str, obj) -> None:
+    """Every float field of a section (and every number in a list field) is finite: ``nan`` or ``inf``
+    passes comparisons such as ``lr <= 0`` unnoticed, so it is refused here, naming the key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise DeftuneError(f"{section}.{f.name} must be a finite number, got {value}")
+
+
+def _at_least(key: str, value, low, meaning: str = "") -> None:
+    """``value >= low`` or an error naming ``key`` (``meaning`` says what the bound value does)."""
+    if value < low:
+        raise DeftuneError(f"{key} must be >= {low}{f' ({meaning})' if meaning else ''}, got {value}")
+
+
+def _in_range(key: str, value, low: float, high: float, high_open: bool = True) -> None:
+    """``low <= value < high`` (``<= high`` when not ``high_open``) or an error naming ``key``."""
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise DeftuneError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
+def _numbers(key: str, value: list) -> None:
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise DeftuneError(f"{key} must hold numbers, got {value}")
 
 
 @dataclass
@@ -94,6 +122,7 @@ class DataConfig:
     max_eval_records: int = 0
 
     def __post_init__(self):
+        _check_numbers("data", self)
         if self.padding_free and not self.packing:
             raise DeftuneError("data.padding_free needs data.packing: true (it lays the packed examples end to "
                                "end without padding)")
@@ -111,6 +140,8 @@ class DataConfig:
             raise DeftuneError(f"data.augment_fraction must be in [0, 1], got {self.augment_fraction}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DeftuneError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _at_least("data.max_train_records", self.max_train_records, 0, "0 = all")
+        _at_least("data.max_eval_records", self.max_eval_records, 0, "0 = all")
 
 
 @dataclass
@@ -148,8 +179,11 @@ class AdapterConfig:
     stage_warmup: int = 10
 
     def __post_init__(self):
+        _check_numbers("adapter", self)
         if self.rank < 1:
             raise DeftuneError(f"adapter.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise DeftuneError(f"adapter.alpha must be > 0 (the update is scaled by alpha/r), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise DeftuneError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
         if self.ranks:
@@ -159,6 +193,10 @@ class AdapterConfig:
                 raise DeftuneError("adapter.ranks needs at least one candidate >= 1")
         if not 0.0 <= self.sensitivity <= 1.0:
             raise DeftuneError(f"adapter.sensitivity must be in [0, 1], got {self.sensitivity}")
+        _at_least("adapter.param_budget", self.param_budget, 0, "0 = use the sensitivity")
+        _at_least("adapter.rank_reallocate_every", self.rank_reallocate_every, 0, "0 = allocate once")
+        _at_least("adapter.stage_warmup", self.stage_warmup, 0)
+        _numbers("adapter.rank_window", self.rank_window)
         if len(self.rank_window) != 2 or not 0 <= self.rank_window[0] < self.rank_window[1] <= 1:
             raise DeftuneError(f"adapter.rank_window must be [start, end] with 0 <= start < end <= 1, "
                                f"got {self.rank_window}")
@@ -170,6 +208,9 @@ class AdapterConfig:
                 raise DeftuneError(f"adapter.stages[{i}]: unknown keys {sorted(unknown)}; known: targets, steps, layers")
             if i < len(self.stages) - 1 and not isinstance(stage.get("steps"), int):
                 raise DeftuneError(f"adapter.stages[{i}] needs an integer 'steps' (every stage but the last)")
+            steps = stage.get("steps")
+            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+                raise DeftuneError(f"adapter.stages[{i}].steps must be an integer >= 1, got {steps!r}")
 
 
 
@@ -187,6 +228,7 @@ class MaskConfig:
     fisher_batches: int = 8
 
     def __post_init__(self):
+        _check_numbers("mask", self)
         if not 0.0 <= self.fisher_keep <= 1.0:
             raise DeftuneError(f"mask.fisher_keep must be in [0, 1], got {self.fisher_keep}")
         if self.fisher_batches < 1:
@@ -253,18 +295,29 @@ class TrainConfig:
     threads: int = 0
 
     def __post_init__(self):
+        _check_numbers("train", self)
         if self.schedule not in ("cosine", "linear", "constant"):
             raise DeftuneError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.lr <= 0:
             raise DeftuneError(f"train.lr must be > 0, got {self.lr}")
-        if self.micro_batch < 1 or self.grad_accum < 1:
-            raise DeftuneError("train.micro_batch and train.grad_accum must be >= 1")
-        if self.max_steps < 0:
-            raise DeftuneError(f"train.max_steps must be >= 0, got {self.max_steps}")
-        if self.warmup < 0:
-            raise DeftuneError(f"train.warmup must be >= 0, got {self.warmup}")
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        _numbers("train.betas", self.betas)
         if len(self.betas) != 2:
             raise DeftuneError(f"train.betas must hold two numbers, got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            _in_range(f"train.betas[{i}]", beta, 0, 1)
+        _at_least("train.warmup", self.warmup, 0)
+        _in_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1, high_open=False)
+        _at_least("train.clip_grad", self.clip_grad, 0, "0 = off")
+        _at_least("train.micro_batch", self.micro_batch, 1)
+        _at_least("train.grad_accum", self.grad_accum, 1)
+        if self.epochs <= 0:
+            raise DeftuneError(f"train.epochs must be > 0, got {self.epochs}")
+        _at_least("train.max_steps", self.max_steps, 0, "0 = derived from epochs")
+        _at_least("train.log_every", self.log_every, 1)
+        _at_least("train.save_every", self.save_every, 0, "0 = only at the end")
+        _at_least("train.keep_last", self.keep_last, 1)
+        _at_least("train.threads", self.threads, 0, "0 = torch's default")
         if self.checkpoint_skip < 0:
             raise DeftuneError(f"train.checkpoint_skip must be >= 0, got {self.checkpoint_skip}")
         for key in ("offload_mlp_layers", "keep_mlp_layers"):
@@ -309,6 +362,14 @@ class EvalConfig:
     show_examples: int = 3
 
     def __post_init__(self):
+        _check_numbers("eval", self)
+        _at_least("eval.every", self.every, 0, "0 = only at the end")
+        _at_least("eval.samples", self.samples, 0, "0 = no generation metrics")
+        _at_least("eval.final_samples", self.final_samples, 0, "0 = same as eval.samples")
+        _at_least("eval.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("eval.early_stop_patience", self.early_stop_patience, 0, "0 = never")
+        _at_least("eval.show_examples", self.show_examples, 0)
+        _in_range("eval.plateau_min_scale", self.plateau_min_scale, 0, 1, high_open=False)
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
             raise DeftuneError(f"eval.metrics: unknown {unknown}; choose from {list(METRIC_NAMES)}")
@@ -350,6 +411,9 @@ class MonitorConfig:
     report: bool = True
 
     def __post_init__(self):
+        _check_numbers("monitor", self)
+        _at_least("monitor.heatmap_every", self.heatmap_every, 0, "0 = off")
+        _at_least("monitor.ineffective_fraction", self.ineffective_fraction, 0)
         if self.guard not in ("stop", "skip", "off"):
             raise DeftuneError(f"monitor.guard must be stop, skip or off, got {self.guard!r}")
         if self.guard_sigma <= 0 or self.guard_window < 2 or self.guard_warmup < 2:
