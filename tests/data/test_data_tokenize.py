@@ -176,6 +176,20 @@ def test_prompt_too_long_skipped_and_all_skipped_error(tiny_tokenizer):
         tokenize_samples([long, short], tok, "seed", max_length=short_prompt)
 
 
+def test_empty_response_is_skipped_and_counted(tiny_tokenizer):
+    empty, blank, good = single(response=""), single(response="  \n"), single()
+    empty.source, blank.source, good.source = "t.jsonl:1", "t.jsonl:2", "t.jsonl:3"
+    empty_turn = Sample([*MULTI.messages[:1], {"role": "assistant", "content": ""}, *MULTI.messages[2:]],
+                        "chat.jsonl:1")
+    for template, samples in (("seed", [empty, blank, good]), ("chat", [empty, empty_turn, good])):
+        examples, stats = tokenize_samples(samples, tiny_tokenizer, template, max_length=256)
+        assert [e.source for e in examples] == ["t.jsonl:3"]
+        assert stats.skipped_empty_response == 2 and stats.examples == 1 and stats.records == 3
+        assert "2 skipped (empty response)" in stats.summary()
+    with pytest.raises(DeftuneError, match="empty response.*t.jsonl:1"):
+        tokenize_samples([empty, blank], tiny_tokenizer, "seed", max_length=256)
+
+
 def test_pad_falls_back_to_eos(tiny_tokenizer_no_pad, tiny_tokenizer):
     note = ensure_pad_token(tiny_tokenizer_no_pad)
     assert tiny_tokenizer_no_pad.pad_token == "</s>" and "</s>" in note

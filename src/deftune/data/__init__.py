@@ -2,7 +2,8 @@
 
 ``prepare_data(cfg.data, tokenizer)`` runs the whole chain:
 
-    read_records -> to_samples -> split_train_eval -> cap -> tokenize_samples  (train and eval)
+    read_records -> to_samples -> split_train_eval -> cap  (read_samples: no tokenizer needed)
+    -> tokenize_samples  (train and eval)
 
 Per epoch, ``epoch_examples`` re-renders a fraction of the training examples with other templates
 (``deftune.data.augment``).
@@ -20,7 +21,7 @@ from deftune.data.augment import (
 )
 from deftune.data.collate import batches, pack_collate, pack_examples, pad_collate
 from deftune.data.formats import Sample, detect_format, to_samples
-from deftune.data.prepare import prepare_data
+from deftune.data.prepare import SplitSamples, prepare_data, read_samples
 from deftune.data.readers import read_records
 from deftune.data.split import split_train_eval
 from deftune.data.templates import SEED_TEMPLATE, prompt_for_generation, render
@@ -43,6 +44,7 @@ __all__ = [
     "Example",
     "PreparedData",
     "Sample",
+    "SplitSamples",
     "augment_examples",
     "batches",
     "detect_format",
@@ -56,6 +58,7 @@ __all__ = [
     "prepare_data",
     "prompt_for_generation",
     "read_records",
+    "read_samples",
     "render",
     "split_train_eval",
     "template_pool",

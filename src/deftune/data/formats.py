@@ -54,6 +54,12 @@ class Sample:
         return next((m["content"] for m in self.messages if m["role"] == "system"), "")
 
     @property
+    def has_empty_response(self) -> bool:
+        """True when an assistant turn is empty or only whitespace: nothing to learn there but the end of
+        the answer, so such samples are skipped (and counted) rather than trained on."""
+        return any(m["role"] == "assistant" and not m["content"].strip() for m in self.messages)
+
+    @property
     def is_single_turn(self) -> bool:
         """True when the sample is one user message and one assistant answer (plus an optional system)."""
         return [m["role"] for m in self.messages if m["role"] != "system"] == ["user", "assistant"]

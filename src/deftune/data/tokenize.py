@@ -40,6 +40,7 @@ class DataStats:
     examples: int = 0
     truncated: int = 0
     skipped_prompt_too_long: int = 0
+    skipped_empty_response: int = 0
     tokens: int = 0
     label_tokens: int = 0
 
@@ -52,6 +53,8 @@ class DataStats:
             text += f", {self.truncated} truncated to max_length"
         if self.skipped_prompt_too_long:
             text += f", {self.skipped_prompt_too_long} skipped (prompt longer than max_length)"
+        if self.skipped_empty_response:
+            text += f", {self.skipped_empty_response} skipped (empty response)"
         return text
 
 
@@ -88,8 +91,9 @@ def tokenize_samples(
 
     The closing EOS is appended (and trained on) unless the rendering's last response already holds
     it, as chat templates often do. Over-long examples are cut at the end (response side); a sample
-    whose first prompt plus one response token does not fit is skipped. Skipping every sample is an
-    error naming the shortest prompt.
+    whose first prompt plus one response token does not fit is skipped, and so is a sample with an empty
+    response (an assistant turn holding only whitespace): both are counted in the stats. Skipping every
+    sample is an error saying why.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     prefix = _prefix(tokenizer, template)
@@ -97,6 +101,9 @@ def tokenize_samples(
     examples: list[Example] = []
     shortest_prompt: int | None = None
     for sample in samples:
+        if sample.has_empty_response:
+            stats.skipped_empty_response += 1
+            continue
         input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
         first_prompt = 0
         response_ids: list[int] = []
@@ -120,6 +127,9 @@ def tokenize_samples(
         stats.tokens += len(input_ids)
         stats.label_tokens += sum(label != IGNORE_INDEX for label in labels)
     stats.examples = len(examples)
+    if samples and not examples and not stats.skipped_prompt_too_long:
+        raise DeftuneError(f"Every sample has an empty response (first: {samples[0].source}): there is no "
+                           "answer to learn; fill in the responses")
     if samples and not examples:
         raise DeftuneError(
             f"Every sample's prompt is too long for data.max_length={max_length}: the shortest prompt "
