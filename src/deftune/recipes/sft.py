@@ -8,17 +8,19 @@ method's result, the summary, the report) -> clean up (checkpointing off, score 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from deftune.adapters.dynamic_rank import format_ranks
 from deftune.adapters.methods import check_recipe, get_method
 from deftune.config import Recipe, load_recipe, save_recipe
-from deftune.data import prepare_data
+from deftune.data import prepare_data, read_samples
 from deftune.data.tokenize import ensure_pad_token
 from deftune.errors import DeftuneError
 from deftune.eval.validate import validation_metrics
@@ -54,9 +56,85 @@ class RunSummary:
     report: str = ""
 
 
+def check_output_dir(output_dir: str) -> Path:
+    """The run folder the recipe names, refused when it cannot be one: empty, the file system root, or an
+    existing file. (Whether it can be written is ``probe_run_dir``'s to find out.)"""
+    if not output_dir.strip():
+        raise DeftuneError("output_dir is empty: set it to the run folder, e.g. output_dir=runs/my-run")
+    path = Path(output_dir).expanduser()
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor):
+        raise DeftuneError(f"output_dir={output_dir} is the root of the file system; give the run a folder "
+                           "of its own, e.g. output_dir=runs/my-run")
+    if path.exists() and not path.is_dir():
+        raise DeftuneError(f"output_dir={output_dir} is an existing file, not a folder; choose another path")
+    return path
+
+
+def probe_run_dir(path: Path) -> None:
+    """Create ``path`` and write a probe file into it, so an unwritable run folder fails before the model
+    loads; then remove the probe and the folders made for it, so a run that fails before it starts
+    training leaves no folder behind."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    probe = path / f".deftune-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"deftune")
+        probe.unlink()
+    except OSError as exc:
+        raise DeftuneError(f"output_dir={path}: cannot write the run folder there "
+                           f"({exc.strerror or exc}); choose a writable path") from None
+    finally:
+        for folder in made:  # deepest first; rmdir leaves anything another process put there
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _set_up_record(record: dict) -> bool:
+    """A metrics.jsonl record written before the first step: the scores before training (step 0), or the
+    augmentation event logged as the first epoch begins."""
+    return record.get("step", 0) == 0 or (record.get("event") == "augmented" and record.get("epoch", 0) == 0)
+
+
+def _unstarted(path: Path) -> bool:
+    """True when ``path`` holds only what a start that failed before its first step writes: this run
+    folder's recipe.yaml, set-up records in metrics.jsonl and TensorBoard's first event files."""
+    recipe_file = path / "recipe.yaml"
+    try:
+        tree = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+        if not isinstance(tree, dict) or Path(str(tree.get("output_dir", ""))).resolve() != path.resolve():
+            return False
+        for entry in path.iterdir():
+            if entry.name == "metrics.jsonl":
+                lines = entry.read_text(encoding="utf-8").splitlines()
+                if not all(_set_up_record(json.loads(line)) for line in lines if line.strip()):
+                    return False
+            elif entry.name != "recipe.yaml" and not (entry.is_file() and entry.name.startswith("events.out.")):
+                return False
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return False
+    return True
+
+
 def fresh_run_dir(path: Path, resume: str) -> Path:
-    """Never overwrite an earlier run: if ``path`` holds one and we are not resuming, use path-2, -3..."""
-    if resume or not path.exists() or not any(path.iterdir()):
+    """Never overwrite an earlier run: if ``path`` holds one and we are not resuming, use path-2, -3...
+
+    A folder holding only what a start that failed before its first step wrote (``_unstarted``) holds no
+    run: its files are removed and the folder reused.
+    """
+    try:
+        if not path.exists() or not any(path.iterdir()):
+            return path
+    except OSError as exc:
+        raise DeftuneError(f"output_dir={path}: cannot read the folder ({exc.strerror or exc})") from None
+    if _unstarted(path):
+        for entry in path.iterdir():
+            entry.unlink()
+        print(f"{path} holds only a start that failed before its first step; this run reuses it")
+        return path
+    if resume:
         return path
     n = 2
     while (candidate := path.with_name(f"{path.name}-{n}")).exists():
@@ -159,12 +237,15 @@ def run(recipe: str | Path | Recipe | None = None, overrides: list[str] | tuple 
         recipe = load_recipe(recipe, overrides)
     check_recipe(recipe)
     method = get_method(recipe.method)
+    # Everything that can fail without the model fails here, before the (slow) model load.
+    run_dir = fresh_run_dir(check_output_dir(recipe.output_dir), recipe.train.resume)
+    probe_run_dir(run_dir)
+    recipe.output_dir = str(run_dir)
+    samples = read_samples(recipe.data)  # every record read and checked; tokenized once the tokenizer is here
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     device = resolve_device(recipe.device)
-    _check_offload_device(recipe, device)  # before loading anything
-    run_dir = fresh_run_dir(Path(recipe.output_dir), recipe.train.resume)
-    recipe.output_dir = str(run_dir)
+    _check_offload_device(recipe, device)
     loop.seed_everything(recipe.train.seed)
 
     t0 = time.perf_counter()
@@ -174,7 +255,7 @@ def run(recipe: str | Path | Recipe | None = None, overrides: list[str] | tuple 
         print(pad_note)
     print(f"Model {source.name} ({type(model).__name__}, {count_params(model)[1]/1e6:.1f}M "
           f"params) on {device} in {time.perf_counter() - t0:.1f}s")
-    data = prepare_data(recipe.data, tokenizer)
+    data = prepare_data(recipe.data, tokenizer, samples)
     for split, stats in data.stats.items():
         print(f"Data {split}: {stats.summary()}")
 
