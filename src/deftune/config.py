@@ -291,6 +291,9 @@ class TrainConfig:
     keep_last: int = 2
     # Resume from a checkpoint: "auto" (latest in output_dir if any), a checkpoint folder, or "".
     resume: str = ""
+    # On resume, accept recipe changes that alter the run (seed, batch, data, method, adapter shape, LR
+    # schedule...); without it such changes are refused with the list of differences.
+    resume_force: bool = False
     # Torch threads on CPU (0 = torch's default).
     threads: int = 0
 

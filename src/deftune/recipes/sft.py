@@ -19,7 +19,7 @@ from torch import nn
 
 from deftune.adapters.dynamic_rank import format_ranks
 from deftune.adapters.methods import check_recipe, get_method
-from deftune.config import Recipe, load_recipe, save_recipe
+from deftune.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict, save_recipe
 from deftune.data import prepare_data, read_samples
 from deftune.data.tokenize import ensure_pad_token
 from deftune.errors import DeftuneError
@@ -34,6 +34,7 @@ from deftune.models.quantize import quantized_weight_count
 from deftune.models.surgery import pieces
 from deftune.training import loop
 from deftune.training.callbacks import dynamic_rank, masks, stages
+from deftune.training.checkpoint import find_checkpoint, read_meta, resume_differences, write_folder
 from deftune.training.dist import is_main_process, wrap_model
 from deftune.training.report import build_report
 
@@ -144,6 +145,47 @@ def fresh_run_dir(path: Path, resume: str) -> Path:
     return candidate
 
 
+def check_resume(recipe: Recipe, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint ``train.resume`` continues from (None for a fresh start) and the recipe keys changed
+    since it was made. A change that alters the run's trajectory (``resume_differences``) is refused,
+    with the list of differences, unless ``train.resume_force``."""
+    checkpoint = find_checkpoint(run_dir, recipe.train.resume)
+    if checkpoint is None:
+        return None, []
+    saved = read_meta(checkpoint).get("recipe")
+    if saved is None:  # a checkpoint from before checkpoints recorded their recipe
+        try:
+            saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return checkpoint, []
+    try:
+        saved = recipe_to_dict(recipe_from_dict(saved))  # defaults filled in, as in the current recipe
+    except (DeftuneError, TypeError, AttributeError):
+        pass
+    changed = resume_differences(saved, recipe_to_dict(recipe))
+    if changed and not recipe.train.resume_force:
+        raise DeftuneError(f"Resuming from {checkpoint} with a recipe that changes the run: "
+                           f"{'; '.join(changed)}. Resume with the original values, or pass "
+                           "train.resume_force=true to accept the changes (the run then no longer repeats "
+                           "its record)")
+    if changed:
+        print(f"train.resume_force: resuming from {checkpoint} with changes: {'; '.join(changed)}")
+    return checkpoint, changed
+
+
+def record_resume(recipe: Recipe, run_dir: Path, checkpoint: Path, changed: list[str]) -> None:
+    """``recipe.yaml`` keeps the recipe the run started with; each resume is appended as a comment line
+    (YAML readers skip it), with the forced changes if any."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        save_recipe(recipe, path)
+    note = f"# resumed {time.strftime('%Y-%m-%d %H:%M:%S')} from {checkpoint.name}"
+    if changed:
+        note += " with train.resume_force, changes: " + "; ".join(changed).replace("\n", " ")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(note + "\n")
+
+
 def _check_offload_device(recipe: Recipe, device: torch.device) -> None:
     if recipe.train.offload_activations and device.type != "cuda":
         raise DeftuneError("train.offload_activations needs a CUDA GPU")
@@ -246,6 +288,7 @@ def run(recipe: str | Path | Recipe | None = None, overrides: list[str] | tuple 
         torch.set_num_threads(recipe.train.threads)
     device = resolve_device(recipe.device)
     _check_offload_device(recipe, device)
+    resume_from, resume_changes = check_resume(recipe, run_dir)  # before the model loads
     loop.seed_everything(recipe.train.seed)
 
     t0 = time.perf_counter()
@@ -273,14 +316,18 @@ def run(recipe: str | Path | Recipe | None = None, overrides: list[str] | tuple 
     model = wrap_model(model)
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
+        if resume_from is None:
+            save_recipe(recipe, run_dir / "recipe.yaml")
+        else:
+            record_resume(recipe, run_dir, resume_from, resume_changes)
 
     def save_result(folder: Path) -> Path:
-        """What the method trained (a PEFT adapter, an ESFT patch, the model...) and the tokenizer."""
-        folder.mkdir(parents=True, exist_ok=True)
-        method.save(model, spec, folder, source.name)
-        tokenizer.save_pretrained(folder)
-        return folder
+        """What the method trained (a PEFT adapter, an ESFT patch, the model...) and the tokenizer, written
+        whole or not at all (a full disk is one message naming the path)."""
+        def write(into: Path) -> None:
+            method.save(model, spec, into, source.name)
+            tokenizer.save_pretrained(into)
+        return write_folder(folder, write, trainer.final_checkpoint)
 
     def periodic_validation(m: nn.Module) -> dict:
         return validation_metrics(m, tokenizer, data.eval, data.eval_samples, recipe, device,
@@ -293,22 +340,25 @@ def run(recipe: str | Path | Recipe | None = None, overrides: list[str] | tuple 
                            validator=periodic_validation)
     if before:
         trainer.log({"step": 0, "phase": "before", **before})
-    result = trainer.run()
-    for cb in trainer.callbacks:
-        if isinstance(cb, dynamic_rank.DynamicRankCallback):
-            print("LoRA ranks per module (0 = dropped):\n" + format_ranks(cb.final_ranks()))
-    final_trainable, _ = count_params(model)
+    # Signals stay handled to the end of the final evaluation: a signal in training checkpoints and
+    # stops; one in the final save or evaluation stops with the checkpoint and the result on disk.
+    with trainer.handle_signals():
+        # -- train, then save (the final checkpoint and the method's result, before any scoring) ----
+        result = trainer.run(resume_from, save_result=lambda: save_result(run_dir / method.output))
+        out = trainer.result_path or run_dir / method.output
+        for cb in trainer.callbacks:
+            if isinstance(cb, dynamic_rank.DynamicRankCallback):
+                print("LoRA ranks per module (0 = dropped):\n" + format_ranks(cb.final_ranks()))
+        final_trainable, _ = count_params(model)
 
-    # -- save --------------------------------------------------------------------------------------
-    out = save_result(run_dir / method.output)
-
-    # -- clean up and score --------------------------------------------------------------------------
-    if checkpointing:
-        model.gradient_checkpointing_disable()
-        model.config.use_cache = True
-    after, examples = validation_metrics(model, tokenizer, data.eval, data.eval_samples, recipe, device, final_n)
-    if after:
-        trainer.log({"step": result.steps, "phase": "after", **after})
+        # -- clean up and score ----------------------------------------------------------------------
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+            model.config.use_cache = True
+        after, examples = validation_metrics(model, tokenizer, data.eval, data.eval_samples, recipe, device,
+                                             final_n)
+        if after:
+            trainer.log({"step": result.steps, "phase": "after", **after})
     summary = RunSummary(
         run_dir=str(run_dir), method=recipe.method, steps=result.steps, seconds=round(result.seconds, 1),
         tokens_per_s=round(result.tokens_per_s, 1), trainable_params=trainable, total_params=total,

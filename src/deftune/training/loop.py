@@ -1,8 +1,13 @@
 """The training loop: one optimizer step = ``grad_accum`` micro-batches, token-weighted.
 
 Fixed life cycle: ``Trainer(...)`` sets up optimizer, schedule, monitors and the data stream; ``run()``
-resumes if asked, loops, validates, checkpoints, and returns a summary. Everything that writes files goes
-through ``is_main_process`` (see ``dist.py``).
+resumes if asked, loops, validates, checkpoints, writes the final checkpoint and the result, evaluates,
+and returns a summary. Everything that writes files goes through ``is_main_process`` (see ``dist.py``).
+
+Signals (SIGINT, SIGTERM), handled while ``handle_signals()`` is open: during training the step finishes,
+a checkpoint is written and ``TrainingInterrupted`` raised; during the final save both the checkpoint and
+the result are written first; once both are on disk (the final evaluation) the run ends at once. In every
+case the message says what is saved and ``train.resume=auto`` continues without redoing a step.
 
 Per step: forward/backward -> non-finite check (skip; N in a row stop) -> clip -> gradient-norm guard
 (stop or skip on a 3-sigma spike) -> optimizer step -> logs. Per validation: eval loss + generation
@@ -27,12 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deftune.config import Recipe
+from deftune.config import Recipe, recipe_to_dict
 from deftune.data import PreparedData, batches
 from deftune.data.augment import epoch_examples
 from deftune.errors import DeftuneError
 from deftune.training.callbacks.base import Callback
-from deftune.training.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from deftune.training.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint, write_error
 from deftune.training.dist import is_main_process
 from deftune.training.loss import count_label_tokens, labelled_positions, response_loss_sum
 from deftune.training.monitor import (
@@ -49,7 +54,16 @@ from deftune.training.state import TrainableState
 
 
 class TrainingInterrupted(DeftuneError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
+    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed. ``signal_number`` is the
+    signal's number (the CLI exits with 128 + it: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signal_number = int(signal_number)
+
+    @property
+    def signum(self) -> int:
+        return self.signal_number
 
 
 class TrainingStopped(DeftuneError):
@@ -161,6 +175,12 @@ class Trainer:
         self.skipped = 0
         self.nonfinite_run = 0
         self._stop_signal: int | None = None
+        self._signal_depth = 0
+        # "training" (a signal stops after the step), "saving" (after the result is written), "finished"
+        # (checkpoint and result on disk: a signal ends the run at once)
+        self.phase = "training"
+        self.final_checkpoint: Path | None = None
+        self.result_path: Path | None = None
         self.board: Board | None = None
 
     # -- data stream ---------------------------------------------------------------------------
@@ -200,28 +220,59 @@ class Trainer:
     def _on_signal(self, signum, _frame):
         self._stop_signal = signum
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        if self.phase == "finished":  # everything is on disk: nothing to wait for
+            raise self.interrupted()
 
     @contextlib.contextmanager
-    def _signals(self):
+    def handle_signals(self):
+        """SIGINT and SIGTERM stop the run cleanly while this is open (see the module docstring); the
+        recipe holds it open until the final evaluation is done. Re-entrant."""
+        if self._signal_depth:
+            self._signal_depth += 1
+            try:
+                yield
+            finally:
+                self._signal_depth -= 1
+            return
         handled = (signal.SIGINT, signal.SIGTERM)
         try:
             previous = {s: signal.signal(s, self._on_signal) for s in handled}
         except ValueError:  # not in the main thread: leave signals alone
             yield
             return
+        self._signal_depth = 1
         try:
             yield
         finally:
+            self._signal_depth = 0
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def interrupted(self) -> TrainingInterrupted:
+        """The exception for the signal received, saying what is on disk and how to go on."""
+        name = signal.Signals(self._stop_signal).name
+        resume = f"train.resume=auto output_dir={self.run_dir}"
+        if self.phase == "training":
+            text = (f"Stopped by signal {name} at step {self.step}; checkpoint saved to {self.final_checkpoint}. "
+                    f"Resume with {resume}")
+        else:
+            where = "while saving the result" if self.phase == "saving" else "during the final evaluation"
+            text = (f"Stopped by signal {name} {where}; training finished at step {self.step} and is saved: "
+                    f"checkpoint {self.final_checkpoint}, result {self.result_path or '(none)'}. The final "
+                    f"evaluation did not run; {resume} runs it without redoing any step")
+        return TrainingInterrupted(text, self._stop_signal)
 
     # -- logging and saving --------------------------------------------------------------------
     def log(self, record: dict) -> None:
         self.history.append(record)
         if is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            path = self.run_dir / "metrics.jsonl"
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise write_error(path, exc, find_checkpoint(self.run_dir, "auto", warn=lambda _: None)) from None
 
     def say(self, text: str, bar=None) -> None:
         if not is_main_process():
@@ -236,7 +287,8 @@ class Trainer:
                 "nonfinite_run": self.nonfinite_run, "guard": self.guard.state_dict(),
                 "plateau": self.plateau.state_dict(), "param_starts": self.param_starts,
                 "stage_warmup": self.stage_warmup,
-                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
+                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+                "recipe": recipe_to_dict(self.recipe)}
 
     def rebuild_optimizer(self, new_params: dict[str, int] | None = None, stage_warmup: int | None = None) -> None:
         """Rebuild optimizer and schedule from the parameters that now require grad, at the current step.
@@ -263,8 +315,9 @@ class Trainer:
     def save(self) -> Path | None:
         if not is_main_process():
             return None
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.step,
-                               self._state(), self.cfg.keep_last)
+        self.final_checkpoint = save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler,
+                                                self.step, self._state(), self.cfg.keep_last)
+        return self.final_checkpoint
 
     def _apply_scale_now(self) -> None:
         """Re-evaluate the schedule at its current position so a new plateau scale applies to the very
@@ -362,10 +415,18 @@ class Trainer:
                 "layers": layers}
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, checkpoint: Path | None = None, save_result: Callable[[], Path] | None = None) -> TrainResult:
+        """Train (from ``checkpoint``, or the one ``train.resume`` finds), write the final checkpoint, then
+        ``save_result()`` (the method's result, e.g. the adapter; its path is kept in ``result_path``), then
+        the final evaluation. Signals are handled throughout (``handle_signals``)."""
+        with self.handle_signals():
+            return self._run(checkpoint, save_result)
+
+    def _run(self, checkpoint: Path | None, save_result: Callable[[], Path] | None) -> TrainResult:
         cfg = self.cfg
         resumed = None
-        checkpoint = find_checkpoint(self.run_dir, cfg.resume)
+        if checkpoint is None:
+            checkpoint = find_checkpoint(self.run_dir, cfg.resume, warn=self.say)
         for cb in self.callbacks:
             cb.on_train_start(self)
         if checkpoint is not None:
@@ -389,14 +450,19 @@ class Trainer:
             self.plateau.load_state_dict(meta.get("plateau", {}))
             self._apply_scale_now()
             resumed = str(checkpoint)
+            self.final_checkpoint = Path(checkpoint)
+            # Steps after this one may be in metrics.jsonl already (logged before the interruption); they
+            # are redone, and readers keep the later records (report.read_metrics).
+            self.log({"step": self.step, "event": "resume", "from_step": self.step,
+                      "checkpoint": Path(checkpoint).name})
             self.say(f"Resumed from {checkpoint} at step {self.step}/{self.total_steps}")
         self.board = Board(self.run_dir, self.mon.tensorboard and is_main_process())
         try:
-            return self._loop(resumed)
+            return self._loop(resumed, save_result)
         finally:
             self.board.close()
 
-    def _loop(self, resumed: str | None) -> TrainResult:
+    def _loop(self, resumed: str | None, save_result: Callable[[], Path] | None = None) -> TrainResult:
         cfg, ev = self.cfg, self.recipe.eval
         self.model.train()
         bar = None
@@ -407,7 +473,8 @@ class Trainer:
         last_loss = None
         eval_loss = None
         stopped_early = False
-        with self._signals():
+        start_step = self.step
+        with self.handle_signals():
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 out = self.train_step()
@@ -450,22 +517,28 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save()
                 if self._stop_signal is not None:
-                    saved = self.save()
+                    self.save()
                     if bar is not None:
                         bar.close()
-                    raise TrainingInterrupted(
-                        f"Stopped by signal {signal.Signals(self._stop_signal).name} at step {self.step}; "
-                        f"checkpoint saved to {saved}. Resume with train.resume=auto "
-                        f"output_dir={self.run_dir}"
-                    )
+                    raise self.interrupted()
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
         if self.updates is not None and (self.step % self.mon.heatmap_every != 0):
             self.log_heatmap()  # the final picture feeds the report's "ineffective modules"
-        if self.data.eval and not (ev.every and self.step % ev.every == 0):
+        # The final checkpoint and the result go to disk before the final evaluation, so a signal or a
+        # crash there loses nothing; a signal during the save is acted on once both are written.
+        self.phase = "saving"
+        if self.step != start_step or self.final_checkpoint is None:
+            self.save()
+        if save_result is not None and is_main_process():
+            self.result_path = save_result()
+        self.phase = "finished"
+        if self._stop_signal is not None:
+            self.phase = "saving"  # for the message: the signal came while saving
+            raise self.interrupted()
+        if self.data.eval and not (ev.every and self.step % ev.every == 0 and self.step != start_step):
             eval_loss = self.evaluate()
-        self.save()
         return TrainResult(
             steps=self.step, final_loss=last_loss, eval_loss=eval_loss,
             tokens_per_s=tokens_total / seconds if seconds > 0 else 0.0, seconds=seconds,

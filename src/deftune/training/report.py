@@ -54,6 +54,8 @@ def read_metrics(run_dir: str | Path) -> dict[str, list]:
 
     Unknown keys are kept. A malformed last line (a crash mid-write) is skipped and its line number
     put in ``truncated``; a malformed line anywhere else is a ``DeftuneError`` naming file and line.
+    A resume marker (``{"event": "resume", "from_step": N}``) drops the records of steps after N logged
+    before it: the resumed run redid those steps, so each step keeps its last value.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -71,8 +73,17 @@ def read_metrics(run_dir: str | Path) -> dict[str, list]:
             raise DeftuneError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from exc
         if not isinstance(record, dict):
             raise DeftuneError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+        if record.get("event") == "resume" and _finite(record.get("from_step")):
+            _drop_after(out, record["from_step"])
         out[_kind(record)].append(record)
     return out
+
+
+def _drop_after(out: dict[str, list], step: float) -> None:
+    """Remove the records of steps after ``step`` (redone by a resumed run) from every kind."""
+    for kind, records in out.items():
+        if kind != "truncated":
+            records[:] = [r for r in records if not (_finite(r.get("step")) and r["step"] > step)]
 
 
 def _finite(value) -> bool:
@@ -430,6 +441,8 @@ def _describe(e: dict) -> str:
     if kind == "lr_reduced":
         return (f"step {step} ({e.get('metric', '?')} stalled: x{_fmt(e.get('factor'))}, "
                 f"LR scale now {_fmt(e.get('lr_scale'))})")
+    if kind == "resume":
+        return f"at step {step}" + (f" from {e['checkpoint']}" if e.get("checkpoint") else "")
     extra = ", ".join(f"{k}={_fmt(v)}" for k, v in e.items() if k not in ("step", "event"))
     return f"step {step}" + (f" ({extra})" if extra else "")
 
@@ -441,7 +454,8 @@ def _events(events: list[dict]) -> list[str]:
     by_kind: dict[str, list[dict]] = {}
     for e in events:
         by_kind.setdefault(str(e["event"]), []).append(e)
-    titles = {"grad_spike": "Gradient spikes", "nonfinite": "Non-finite values", "lr_reduced": "LR reductions"}
+    titles = {"grad_spike": "Gradient spikes", "nonfinite": "Non-finite values", "lr_reduced": "LR reductions",
+              "resume": "Resumed"}
     for kind, title in titles.items():
         if kind in by_kind:
             lines.append(f"- {title}: {_capped([_describe(e) for e in by_kind[kind]])}")
