@@ -45,6 +45,10 @@ def inference_recipe(run_or_model: str, overrides: list[str] | tuple = (),
         run = None
         tree = recipe_to_dict(load_recipe(None, [f"model.path={run_or_model}"]))
     tree.setdefault("model", {})["trust_remote_code"] = bool(trust_remote_code)
+    # The run's caps on its training data do not apply to the data given to this command; a cap typed
+    # among ``overrides`` does.
+    data = tree.setdefault("data", {})
+    data["max_train_records"] = data["max_eval_records"] = 0
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, key, value)
@@ -80,16 +84,17 @@ def evaluate(run_or_model: str, data: str, device: str = "auto", overrides: list
     """Eval loss, perplexity and the generation metrics of ``eval.metrics`` on ``data``.
 
     Every record of ``data`` is scored (the run's ``data.max_*_records`` and ``eval_fraction`` apply to
-    training, not here) unless ``max_records`` > 0 keeps the first N. ``overrides``: ``key=value``
-    strings applied to the run's recipe (e.g. ``eval.samples=50``). The data is read and checked before
-    the model loads.
+    training, not here) unless ``max_records`` > 0 (or ``data.max_eval_records=N`` among ``overrides``)
+    keeps the first N. ``overrides``: ``key=value`` strings applied to the run's recipe (e.g.
+    ``eval.samples=50``). The data is read and checked before the model loads.
     """
     if max_records < 0:
         raise DeftuneError(f"--max-records must be >= 0 (0 = every record), got {max_records}")
     recipe, run = inference_recipe(run_or_model, overrides, trust_remote_code)
     samples = to_samples(read_records(data), recipe.data.format)
-    if max_records:
-        samples = samples[:max_records]
+    limit = max_records or recipe.data.max_eval_records
+    if limit:
+        samples = samples[:limit]
     if not samples:
         raise DeftuneError(f"{data}: no records to score")
     model, tokenizer = _load(recipe, run, device)
