@@ -23,9 +23,9 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +37,13 @@ from deftune.data import PreparedData, batches
 from deftune.data.augment import epoch_examples
 from deftune.errors import DeftuneError
 from deftune.training.callbacks.base import Callback
-from deftune.training.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint, write_error
+from deftune.training.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    write_error,
+)
 from deftune.training.dist import is_main_process
 from deftune.training.loss import count_label_tokens, labelled_positions, response_loss_sum
 from deftune.training.monitor import (
