@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sections(**train_keys):
-    return dict(adapter={"dropout": 0.1}, train={"max_steps": 6, "save_every": 2, "keep_last": 5, **train_keys})
+    return {"adapter": {"dropout": 0.1}, "train": {"max_steps": 6, "save_every": 2, "keep_last": 5, **train_keys}}
 
 
 def losses(run_dir) -> dict[int, float]:

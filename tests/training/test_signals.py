@@ -13,7 +13,7 @@ from deftune.api import train
 from deftune.recipes import sft
 from deftune.training import loop
 
-SECTIONS = dict(train={"max_steps": 4})
+SECTIONS = {"train": {"max_steps": 4}}
 
 
 def _unhandled(signum, _frame):
