@@ -63,13 +63,18 @@ class TrainingInterrupted(DeftuneError):
     """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed. ``signal_number`` is the
     signal's number (the CLI exits with 128 + it: 130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, message: str, signal_number: int = signal.SIGTERM):
+    def __init__(self, message: str, signal_number: int | None = None):
         super().__init__(message)
-        self.signal_number = int(signal_number)
+        self.signal_number = None if signal_number is None else int(signal_number)
 
     @property
-    def signum(self) -> int:
+    def signum(self) -> int | None:
+        """The same as ``signal_number`` (the name the CLI reads)."""
         return self.signal_number
+
+    @signum.setter
+    def signum(self, value: int | None) -> None:
+        self.signal_number = value
 
 
 class TrainingStopped(DeftuneError):
