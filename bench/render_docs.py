@@ -210,6 +210,24 @@ def loss_parity() -> str:
                             _src(name)]])
 
 
+def user_path() -> str:
+    """bench/train_e2e.py: `deftune train` as a user runs it against Unsloth's documented path, per row:
+    median tokens/s over the call's rounds and peaks, as the script's summary holds them."""
+    rows = []
+    for f in sorted(RESULTS.glob("train_e2e_*.json")):
+        d = load(f.name)
+        for r in d["summary"]:
+            ratio = d["ratios"].get(r["name"], {}).get("median_ratio") if r.get("role") == "deftune" else None
+            rows.append([r["name"], d["workload"].get("shape", ""), r["status"], _num(r.get("tok_s")),
+                         "" if ratio is None else f"{ratio:.3f}x", _num(r.get("peak_alloc_gib"), 2),
+                         _num(r.get("peak_reserved_gib"), 2), _num(r.get("host_rss_peak_gib"), 2),
+                         d["card"], d["date"], _src(f.name)])
+    if not rows:
+        return "No result committed yet: `bash bench/gpu_issue6.sh OUTDIR` with `PARTS=e2e` on a GPU."
+    return _table(["row", "shape", "status", "tokens/s", "vs Unsloth SFT", "alloc GiB", "reserved GiB",
+                   "host RSS GiB", "card", "date", "source"], rows)
+
+
 def cpu_speed() -> str:
     name = "cpu_speed.json"
     d = load(name)
@@ -307,7 +325,7 @@ def keys() -> str:
 
 
 TABLES = {
-    "keys": keys,
+    "keys": keys, "user-path": user_path,
     "speed": speed, "peers": peers, "peers-rounds": peers_rounds, "variants-8b": variants_8b,
     "variants-1b": variants_1b, "ab-1b": ab_1b, "host-launch": host_launch, "kernels": kernels,
     "loss-parity": loss_parity, "cpu-speed": cpu_speed, "gpu-demo": gpu_demo, "pcie": pcie,
