@@ -65,10 +65,8 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
 @pytest.mark.parametrize("carries_signum", [True, False])
 def test_interrupted_training_exit_code_follows_the_signal(monkeypatch, capsys, signum, code, carries_signum):
     def stopped(*args, **kwargs):
-        exc = TrainingInterrupted(f"Stopped by signal {signal.Signals(signum).name} at step 3; checkpoint saved")
-        if carries_signum:
-            exc.signum = signum
-        raise exc
+        message = f"Stopped by signal {signal.Signals(signum).name} at step 3; checkpoint saved"
+        raise TrainingInterrupted(message, signum if carries_signum else None)
 
     monkeypatch.setattr(api, "train", stopped)
     assert main(["train", "x.yaml"]) == code

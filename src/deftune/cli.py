@@ -150,8 +150,8 @@ def _fail(args, message: str, code: int) -> int:
 
 def _interrupted_exit(exc: TrainingInterrupted) -> int:
     """130 for SIGINT, 143 for SIGTERM (128 + the signal's number, as a shell reports it)."""
-    signum = getattr(exc, "signum", None)
-    if signum is None:  # older TrainingInterrupted without the number: its message names the signal
+    signum = getattr(exc, "signal_number", None)
+    if signum is None:  # raised without the number: its message names the signal
         signum = signal.SIGINT if "SIGINT" in str(exc) else signal.SIGTERM
     return 128 + int(signum)
 
