@@ -27,6 +27,7 @@ reported beside it; on these shapes at seq 2048 the two differ by under 4%.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -533,3 +534,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class Tee(io.TextIOBase):
+    """A stream that writes through to ``stream`` and keeps what was written (a row's own error lines)."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, []
+
+    def write(self, text):
+        self.stream.write(text)
+        self.kept.append(text)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()

@@ -17,7 +17,6 @@ records as the text deftune trains on, without the EOS that TRL appends (the Uns
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -26,7 +25,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import emit, host_rss_gib, make_model_folder, max_rss_gib, runner_args  # noqa: E402
+from _bench_common import Tee, emit, host_rss_gib, make_model_folder, max_rss_gib, runner_args  # noqa: E402
 from train_e2e import step_timing  # noqa: E402
 
 # Words of the bench tokenizer's training text (_bench_common.make_model_folder): one token each there.
@@ -122,19 +121,6 @@ def prepare(a) -> dict:
 
 
 # -- train ---------------------------------------------------------------------------------------------
-class _Tee(io.TextIOBase):
-    """stderr that is also kept, to report deftune's own error line."""
-
-    def __init__(self, stream):
-        self.stream, self.kept = stream, []
-
-    def write(self, text):
-        self.stream.write(text)
-        self.kept.append(text)
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
 
 
 def _recipe_view(path: str) -> dict:
@@ -185,7 +171,7 @@ def train(a) -> dict:
     import torch
 
     on_cuda = a.device == "cuda"
-    tee = _Tee(sys.stderr)
+    tee = Tee(sys.stderr)
     t0 = time.perf_counter()
     old_err, sys.stderr = sys.stderr, tee
     try:

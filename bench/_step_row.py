@@ -11,7 +11,6 @@ read right after its timed steps, becomes ``peak_alloc_gib``); ``--warmup`` is p
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import runpy
 import sys
@@ -19,25 +18,12 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _bench_common import emit, host_rss_gib, max_rss_gib, parse_result  # noqa: E402
-
-
-class _Tee(io.TextIOBase):
-    def __init__(self, stream):
-        self.stream, self.kept = stream, []
-
-    def write(self, text):
-        self.stream.write(text)
-        self.kept.append(text)
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
+from _bench_common import Tee, emit, host_rss_gib, max_rss_gib, parse_result  # noqa: E402
 
 
 def main() -> None:
     runner, args = sys.argv[1], sys.argv[2:]
-    tee = _Tee(sys.stdout)
+    tee = Tee(sys.stdout)
     sys.argv = [os.path.join(HERE, runner), *args]
     error = None
     try:
